@@ -1,0 +1,131 @@
+"""Orbax CheckpointManager wrapper: periodic saves, automatic resume, params-only restore.
+
+A stage directory holds `checkpoints/<step>/{state,meta}`: the whole train state and a
+JSON description (stage kind, data shape, model and data configs) that a later stage
+or the sampler reads to rebuild the model without the original config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, empty or does not fit what is asked of it."""
+
+
+def _manager(directory: Path, *, save_every: int = 1, keep: int | None = None, read_only: bool = False):
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_every, max_to_keep=keep, create=not read_only, read_only=read_only)
+    return ocp.CheckpointManager(directory.resolve(), options=options, item_names=("state", "meta"))
+
+
+class Checkpointer:
+    """Saves train states of one stage; `restore_latest` resumes a killed run."""
+
+    def __init__(self, stage_dir: str | Path, *, save_every: int, keep: int):
+        self.directory = Path(stage_dir) / "checkpoints"
+        self.manager = _manager(self.directory, save_every=save_every, keep=keep)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: Mapping[str, Any], *, force: bool = False) -> bool:
+        return self.manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))),
+            force=force)
+
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, int] | None:
+        """Latest (state, step), laid out like `abstract_state` (shardings included), or None."""
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        return restored.state, step
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _checkpoint_dir(stage_dir: str | Path) -> Path:
+    stage = Path(stage_dir)
+    if not stage.exists():
+        raise CheckpointError(f"checkpoint {str(stage)!r} does not exist")
+    directory = stage / "checkpoints"
+    if not directory.is_dir():
+        raise CheckpointError(f"{str(stage)!r} is not a rectflow stage directory (no checkpoints/ inside)")
+    return directory
+
+
+def latest_step(stage_dir: str | Path) -> int | None:
+    directory = Path(stage_dir) / "checkpoints"
+    if not directory.is_dir():
+        return None
+    manager = _manager(directory, read_only=True)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def read_meta(stage_dir: str | Path) -> tuple[dict[str, Any], int]:
+    """(meta, step) of the latest checkpoint of a stage."""
+    manager = _manager(_checkpoint_dir(stage_dir), read_only=True)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"{str(stage_dir)!r} holds no finished checkpoint")
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        return meta, step
+    finally:
+        manager.close()
+
+
+def restore_params(stage_dir: str | Path, abstract_params: Any, *, which: str = "ema_params") -> Any:
+    """Only the (EMA) parameters of the latest checkpoint: no optimizer state is read.
+
+    `abstract_params` gives shapes, dtypes and, optionally, shardings
+    (jax.ShapeDtypeStruct leaves); a shape mismatch is a CheckpointError.
+    """
+    manager = _manager(_checkpoint_dir(stage_dir), read_only=True)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"{str(stage_dir)!r} holds no finished checkpoint")
+        target = {which: abstract_params}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True)))
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"checkpoint {str(stage_dir)!r} (step {step}) does not fit this model: "
+                                  f"{str(err).splitlines()[0][:300]}") from err
+        params = restored.state[which]
+        _check_shapes(params, abstract_params, stage_dir)
+        return params
+    finally:
+        manager.close()
+
+
+def _check_shapes(params: Any, abstract: Any, stage_dir) -> None:
+    got = jax.tree_util.tree_map(lambda a: tuple(a.shape), params)
+    want = jax.tree_util.tree_map(lambda a: tuple(a.shape), abstract)
+    if got != want:
+        bad = [f"{jax.tree_util.keystr(p)}: {g} != {w}" for (p, g), w in zip(
+            jax.tree_util.tree_leaves_with_path(got, is_leaf=lambda x: isinstance(x, tuple)),
+            jax.tree_util.tree_leaves(want, is_leaf=lambda x: isinstance(x, tuple))) if g != w]
+        raise CheckpointError(f"checkpoint {str(stage_dir)!r} does not fit this model: {'; '.join(bad[:5])}")
+
+
+def write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    tmp.replace(path)

@@ -1,0 +1,114 @@
+"""The `rectflow` command.
+
+  rectflow train    --config C --workdir W [--pairs P --checkpoint T]   1-RF from data, k-RF from pairs
+  rectflow pairs    --config C --checkpoint STAGE --out P                reflow couplings
+  rectflow distill  --config C --checkpoint TEACHER --pairs P --workdir W
+  rectflow sample   --config C --checkpoint STAGE --out O               samples.npz + picture
+  rectflow eval     --config C --checkpoint STAGE [--out O]             metrics.json
+  rectflow pipeline --config C --workdir W                              1-RF -> 2-RF -> distill + report
+
+Any config value can be overridden: --config.train.num_steps=500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+COMMANDS = ("train", "pairs", "distill", "sample", "eval", "pipeline")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Stage directory (train, distill) or pipeline root.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A stage directory to read (teacher, sampler, eval).")
+_PAIRS = flags.DEFINE_string("pairs", None, "A pair directory written by `rectflow pairs`.")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_QUIET = flags.DEFINE_bool("quiet", False, "No progress bars.")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _need(flag, command: str):
+    if not flag.value:
+        raise UsageError(f"`rectflow {command}` needs --{flag.name}")
+    return flag.value
+
+
+def run(command: str) -> None:
+    from rectflow_jax import parallel, pipeline
+
+    config = _CONFIG.value
+    if config is None:
+        raise UsageError(f"`rectflow {command}` needs --config (e.g. configs/digits.py)")
+    d = config.distributed
+    parallel.initialize_distributed(d.coordinator, d.num_processes, d.process_id)
+    progress = not _QUIET.value
+    if command == "train":
+        kind = "reflow" if _PAIRS.value else "rf"
+        pipeline.train_stage(config, _need(_WORKDIR, command), kind, pairs_dir=_PAIRS.value,
+                             teacher_dir=_CHECKPOINT.value, progress=progress)
+    elif command == "distill":
+        pipeline.train_stage(config, _need(_WORKDIR, command), "distill", pairs_dir=_need(_PAIRS, command),
+                             teacher_dir=_need(_CHECKPOINT, command), progress=progress)
+    elif command == "pairs":
+        pipeline.generate_pairs(config, _need(_CHECKPOINT, command), _need(_OUT, command), progress=progress)
+    elif command == "sample":
+        out = _need(_OUT, command)
+        pipeline.sample(config, _need(_CHECKPOINT, command), out)
+        print(f"wrote {Path(out) / 'samples.npz'}")
+    elif command == "eval":
+        result = pipeline.evaluate_stage(config, _need(_CHECKPOINT, command))
+        result.pop("outputs")
+        text = json.dumps(result, indent=2)
+        if _OUT.value:
+            Path(_OUT.value).mkdir(parents=True, exist_ok=True)
+            (Path(_OUT.value) / "metrics.json").write_text(text)
+        print(text)
+    elif command == "pipeline":
+        work = _need(_WORKDIR, command)
+        report = pipeline.run_pipeline(config, work, progress=progress)
+        print(json.dumps(report["claims"], indent=2))
+        print(f"report: {Path(work) / 'report' / 'report.md'}")
+
+
+def _main(argv) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    commands = [a for a in argv[1:]]
+    if len(commands) != 1 or commands[0] not in COMMANDS:
+        raise UsageError(f"give exactly one command of {', '.join(COMMANDS)} (got {' '.join(commands) or 'none'})")
+    run(commands[0])
+
+
+def main() -> None:
+    from rectflow_jax import checkpoint, teachers, train, weights
+    from rectflow_jax.data import pairs
+
+    expected = (UsageError, checkpoint.CheckpointError, pairs.PairDataError, teachers.IncompatibleTeacher,
+                train.TrainingDiverged, weights.WeightLoadError, ValueError, FileNotFoundError)
+    try:
+        app.run(_main, flags_parser=_parse_flags)
+    except expected as err:
+        if os.environ.get("RECTFLOW_TRACEBACK"):
+            raise
+        # One line naming the problem; the traceback is noise for input mistakes.
+        print(f"rectflow: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        print(f"rectflow: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

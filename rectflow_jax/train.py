@@ -1,0 +1,272 @@
+"""One training loop for every stage: 1-RF from data, k-RF from pairs, distillation.
+
+A stage differs only in its batches (data or pair shards), its initial parameters
+(fresh or a teacher's) and its objective: 'flow' regresses v(X_t, t) on X1 - X0 at
+sampled t; 'distill' trains the one-step map x0 + v(x0, 0) onto x1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from tqdm.auto import tqdm
+
+from rectflow_jax import checkpoint, flow, parallel
+
+OBJECTIVES = ("flow", "distill")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+
+
+def make_optimizer(optim) -> optax.GradientTransformation:
+    """AdamW behind global-norm clipping; linear warmup, then constant or cosine decay."""
+    warmup = optax.linear_schedule(0.0, optim.lr, max(int(optim.warmup_steps), 1))
+    if optim.schedule == "constant":
+        after = optax.constant_schedule(optim.lr)
+    elif optim.schedule == "cosine":
+        after = optax.cosine_decay_schedule(optim.lr, max(int(optim.decay_steps), 1))
+    else:
+        raise ValueError(f"unknown schedule {optim.schedule!r}; choose 'constant' or 'cosine'")
+    schedule = optax.join_schedules([warmup, after], [int(optim.warmup_steps)])
+    return optax.chain(
+        optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip else optax.identity(),
+        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay),
+    )
+
+
+def velocity_apply(model: nn.Module) -> Callable:
+    """(params, x, t, labels) -> v for samplers: the model in inference mode."""
+    return lambda params, x, t, labels=None: model.apply({"params": params}, x, t, labels, train=False)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, objective: str,
+                    loss_name: str, time_sampler: Callable, source_fn: Callable, ema_decay: float):
+    """The pure step (state, batch, key) -> (state, metrics); jit it with shardings."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    loss_of = flow.loss_fn(loss_name)
+
+    def train_step(state: TrainState, batch: Mapping[str, jax.Array], base_key: jax.Array):
+        # Keys derive from the step, so a resumed run draws what an uninterrupted one would.
+        key_t, key_x0, key_dropout = jax.random.split(jax.random.fold_in(base_key, state.step), 3)
+        x1, labels = batch["x1"], batch.get("label")
+        x0 = batch["x0"] if "x0" in batch else source_fn(key_x0, x1.shape[0])
+
+        def compute_loss(params):
+            apply = lambda x, t: model.apply({"params": params}, x, t, labels, train=True,
+                                             rngs={"dropout": key_dropout})
+            if objective == "distill":
+                pred, target = x0 + apply(x0, jnp.zeros((x0.shape[0],))), x1
+            else:
+                t = time_sampler(key_t, x0.shape[0])
+                pred, target = apply(flow.interpolate(x0, x1, t), t), flow.target_velocity(x0, x1)
+            return jnp.mean(loss_of(pred.astype(jnp.float32), target.astype(jnp.float32)))
+
+        loss, grads = jax.value_and_grad(compute_loss)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+        new_state = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return train_step
+
+
+@dataclasses.dataclass
+class Stage:
+    """What one run of the loop needs beyond the config."""
+
+    name: str                       # '1rf', '2rf', 'distill', ...
+    objective: str                  # 'flow' | 'distill'
+    model: nn.Module
+    shape: tuple[int, ...]
+    num_classes: int
+    source_fn: Callable             # (key, n) -> x0, used when batches carry no x0
+    batches: Callable[[int, int, int], Iterator[dict]]  # (local batch size, seed, start step)
+    init_params: Any = None         # a teacher's params, or None for a fresh init
+    meta: dict = dataclasses.field(default_factory=dict)   # saved beside every checkpoint
+    sample_fn: Callable | None = None   # params -> image (H, W, 3) uint8 for TensorBoard
+
+
+def _example_inputs(shape, num_classes):
+    x = jnp.zeros((1,) + tuple(shape), jnp.float32)
+    labels = jnp.zeros((1,), jnp.int32) if num_classes else None
+    return x, jnp.zeros((1,), jnp.float32), labels
+
+
+def init_variables(model: nn.Module, key: jax.Array, shape, num_classes):
+    x, t, labels = _example_inputs(shape, num_classes)
+    return model.init({"params": key, "dropout": key}, x, t, labels, train=False)
+
+
+def abstract_params(model: nn.Module, shape, num_classes, mesh=None, rules=None):
+    """Shape/dtype (and sharding, given a mesh) of the params, without allocating them."""
+    boxed = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape, num_classes))["params"]
+    shapes = nn.unbox(boxed)
+    if mesh is None:
+        return shapes
+    shardings = parallel.param_shardings(boxed, mesh, rules)
+    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                  shapes, shardings)
+
+
+def _state_shardings(model, tx, stage: Stage, mesh, rules):
+    params = abstract_params(model, stage.shape, stage.num_classes, mesh, rules)
+    param_shardings = jax.tree_util.tree_map(lambda a: a.sharding, params)
+    abstract_opt = jax.eval_shape(tx.init, params)
+    # Optimizer moments are laid out like the params; scalars (counts) are replicated.
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                          transform_non_params=lambda _: parallel.replicated(mesh))
+    return TrainState(step=parallel.replicated(mesh), params=param_shardings,
+                      ema_params=param_shardings, opt_state=opt_shardings)
+
+
+def _check_finite(pending: list[tuple[int, Any]]) -> None:
+    for step, loss in zip([s for s, _ in pending], jax.device_get([m["loss"] for _, m in pending])):
+        if not math.isfinite(float(loss)):
+            raise TrainingDiverged(f"loss became {float(loss)} at step {step}")
+
+
+def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: bool = True) -> TrainState:
+    """Runs (or resumes) one stage to config.train.num_steps; returns the final state.
+
+    `config` is the stage's merged config (rectflow_jax.configlib.stage_config).
+    Checkpoints go to stage_dir/checkpoints, TensorBoard logs to stage_dir/tensorboard.
+    """
+    stage_dir = Path(stage_dir)
+    mesh = mesh or parallel.make_mesh(config.mesh.to_dict())
+    rules = parallel.logical_rules(config.sharding_rules.to_dict())
+    local_batch = parallel.check_batch_size(config.train.batch_size, mesh)
+    tx = make_optimizer(config.optim)
+    state_shardings = _state_shardings(stage.model, tx, stage, mesh, rules)
+
+    def fresh_state(key, params):
+        if params is None:
+            params = nn.unbox(init_variables(stage.model, key, stage.shape, stage.num_classes)["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                          opt_state=tx.init(params))
+
+    base_key = jax.random.key(config.seed)
+    init_key, step_key = jax.random.split(base_key)
+    create = jax.jit(fresh_state, out_shardings=state_shardings)
+    abstract_state = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), jax.eval_shape(create, init_key, stage.init_params),
+        state_shardings)
+
+    ckpt = checkpoint.Checkpointer(stage_dir, save_every=config.train.checkpoint_every,
+                                   keep=config.train.keep_checkpoints)
+    try:
+        if ckpt.latest_step() is not None:
+            _check_compatible(stage_dir, stage, config)
+        restored = ckpt.restore_latest(abstract_state)
+        state, start = restored if restored else (create(init_key, stage.init_params), 0)
+        num_steps = int(config.train.num_steps)
+        if start >= num_steps:
+            return state
+        meta = dict(stage.meta, stage=stage.name, objective=stage.objective, shape=list(stage.shape),
+                    num_classes=stage.num_classes, model=config.model.to_dict(), data=config.data.to_dict(),
+                    num_steps=num_steps)
+        step_fn = jax.jit(
+            make_train_step(stage.model, tx, objective=stage.objective, loss_name=config.flow.loss,
+                            time_sampler=flow.time_sampler(config.flow.time_sampler, **config.flow.time_sampler_args),
+                            source_fn=stage.source_fn, ema_decay=config.optim.ema_decay),
+            in_shardings=(state_shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
+            out_shardings=(state_shardings, parallel.replicated(mesh)),
+            donate_argnums=0)
+        writer = _summary_writer(stage_dir / "tensorboard")
+        batches = stage.batches(local_batch, config.seed, start)
+        pending: list[tuple[int, Any]] = []
+        bar = tqdm(total=num_steps, initial=start, desc=stage.name, unit="step", dynamic_ncols=True,
+                   disable=not progress or jax.process_index() != 0)
+        last_time, last_step = time.perf_counter(), start
+        for step in range(start + 1, num_steps + 1):
+            state, metrics = step_fn(state, parallel.global_batch(next(batches), mesh), step_key)
+            pending.append((step, metrics))
+            log_now = step % config.train.log_every == 0 or step == num_steps
+            save_now = step % config.train.checkpoint_every == 0 or step == num_steps
+            if log_now or save_now:
+                _check_finite(pending)  # raises before a diverged state can be saved
+                host = jax.device_get(pending[-1][1])
+                now = time.perf_counter()
+                rate = (step - last_step) / max(now - last_time, 1e-9)
+                last_time, last_step, pending = now, step, []
+                bar.set_postfix(loss=f"{float(host['loss']):.4f}", steps_per_s=f"{rate:.1f}")
+                if writer:
+                    with writer.as_default(step=step):
+                        _write_scalars({**{k: float(v) for k, v in host.items()}, "steps_per_s": rate})
+            if save_now:
+                ckpt.save(step, state, meta, force=step == num_steps)
+            if writer and stage.sample_fn and (step == num_steps or (
+                    config.train.sample_every and step % config.train.sample_every == 0)):
+                with writer.as_default(step=step):
+                    _write_image("samples", stage.sample_fn(state.ema_params))
+            bar.update(1)
+        bar.close()
+        return state
+    except TrainingDiverged as err:
+        ckpt.wait()
+        kept = ckpt.latest_step()
+        raise TrainingDiverged(f"{err} of stage {stage.name}: stopped; the last good checkpoint "
+                               f"(step {kept}) is kept in {stage_dir}") from None
+    finally:
+        ckpt.wait()
+        ckpt.close()
+
+
+def _check_compatible(stage_dir: Path, stage: Stage, config) -> None:
+    """Refuses to resume a checkpoint of another model or data shape (nothing is overwritten)."""
+    meta, step = checkpoint.read_meta(stage_dir)
+    mine = {"shape": list(stage.shape), "num_classes": stage.num_classes, "model": config.model.to_dict(),
+            "objective": stage.objective}
+    differ = [k for k, v in mine.items() if _jsonable(meta.get(k)) != _jsonable(v)]
+    if differ:
+        raise checkpoint.CheckpointError(
+            f"{stage_dir} holds a checkpoint (step {step}) of a different run ({', '.join(differ)} differ); "
+            "use a new --workdir or remove the old one")
+
+
+def _jsonable(value):
+    import json
+
+    return json.loads(json.dumps(value))
+
+
+def _summary_writer(directory: Path):
+    if jax.process_index() != 0:
+        return None
+    import tensorflow as tf
+
+    return tf.summary.create_file_writer(str(directory))
+
+
+def _write_scalars(values: Mapping[str, float]) -> None:
+    import tensorflow as tf
+
+    for name, value in values.items():
+        tf.summary.scalar(name, value)
+
+
+def _write_image(name: str, image: np.ndarray) -> None:
+    import tensorflow as tf
+
+    tf.summary.image(name, np.asarray(image)[None])
