@@ -15,6 +15,7 @@ setup(
         "absl-py",
         "tensorflow-cpu",
         "tensorflow-datasets",
+        "tensorboard",
         "numpy",
         "pillow",
         "matplotlib",

@@ -87,7 +87,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, objec
         params = optax.apply_updates(state.params, updates)
         ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
         new_state = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return train_step
 
@@ -147,8 +147,14 @@ def _check_finite(pending: list[tuple[int, Any]]) -> None:
             raise TrainingDiverged(f"loss became {float(loss)} at step {step}")
 
 
-def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: bool = True) -> TrainState:
-    """Runs (or resumes) one stage to config.train.num_steps; returns the final state.
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    history: list[dict]     # the metrics at each log step of this run, with 'step'
+
+
+def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: bool = True) -> TrainResult:
+    """Runs (or resumes) one stage to config.train.num_steps.
 
     `config` is the stage's merged config (rectflow_jax.configlib.stage_config).
     Checkpoints go to stage_dir/checkpoints, TensorBoard logs to stage_dir/tensorboard.
@@ -182,7 +188,7 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
         state, start = restored if restored else (create(init_key, stage.init_params), 0)
         num_steps = int(config.train.num_steps)
         if start >= num_steps:
-            return state
+            return TrainResult(state, [])
         meta = dict(stage.meta, stage=stage.name, objective=stage.objective, shape=list(stage.shape),
                     num_classes=stage.num_classes, model=config.model.to_dict(), data=config.data.to_dict(),
                     num_steps=num_steps)
@@ -196,6 +202,7 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
         writer = _summary_writer(stage_dir / "tensorboard")
         batches = stage.batches(local_batch, config.seed, start)
         pending: list[tuple[int, Any]] = []
+        history: list[dict] = []
         bar = tqdm(total=num_steps, initial=start, desc=stage.name, unit="step", dynamic_ncols=True,
                    disable=not progress or jax.process_index() != 0)
         last_time, last_step = time.perf_counter(), start
@@ -206,14 +213,15 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
             save_now = step % config.train.checkpoint_every == 0 or step == num_steps
             if log_now or save_now:
                 _check_finite(pending)  # raises before a diverged state can be saved
-                host = jax.device_get(pending[-1][1])
+                host = {k: float(v) for k, v in jax.device_get(pending[-1][1]).items()}
                 now = time.perf_counter()
                 rate = (step - last_step) / max(now - last_time, 1e-9)
                 last_time, last_step, pending = now, step, []
-                bar.set_postfix(loss=f"{float(host['loss']):.4f}", steps_per_s=f"{rate:.1f}")
+                history.append(dict(host, step=step, steps_per_s=rate))
+                bar.set_postfix(loss=f"{host['loss']:.4f}", steps_per_s=f"{rate:.1f}")
                 if writer:
                     with writer.as_default(step=step):
-                        _write_scalars({**{k: float(v) for k, v in host.items()}, "steps_per_s": rate})
+                        _write_scalars(dict(host, steps_per_s=rate))
             if save_now:
                 ckpt.save(step, state, meta, force=step == num_steps)
             if writer and stage.sample_fn and (step == num_steps or (
@@ -222,7 +230,7 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
                     _write_image("samples", stage.sample_fn(state.ema_params))
             bar.update(1)
         bar.close()
-        return state
+        return TrainResult(state, history)
     except TrainingDiverged as err:
         ckpt.wait()
         kept = ckpt.latest_step()
