@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 COMMANDS = ("train", "pairs", "distill", "sample", "eval", "pipeline")
@@ -79,7 +80,11 @@ def run(command: str) -> None:
 
 
 def _main(argv) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax narrates every save at INFO
+    ours = logging.getLogger("rectflow")
+    ours.setLevel(logging.INFO)
+    ours.addHandler(logging.StreamHandler())
+    ours.propagate = False
     commands = [a for a in argv[1:]]
     if len(commands) != 1 or commands[0] not in COMMANDS:
         raise UsageError(f"give exactly one command of {', '.join(COMMANDS)} (got {' '.join(commands) or 'none'})")
@@ -91,22 +96,25 @@ def main() -> None:
     from rectflow_jax.data import pairs
 
     expected = (UsageError, checkpoint.CheckpointError, pairs.PairDataError, teachers.IncompatibleTeacher,
-                train.TrainingDiverged, weights.WeightLoadError, ValueError, FileNotFoundError)
+                train.TrainingDiverged, weights.WeightLoadError, ValueError, OSError)
     try:
         app.run(_main, flags_parser=_parse_flags)
     except expected as err:
         if os.environ.get("RECTFLOW_TRACEBACK"):
             raise
         # One line naming the problem; the traceback is noise for input mistakes.
-        print(f"rectflow: error: {err}", file=sys.stderr)
+        print(f"rectflow: error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
 
 
 def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)
-    except flags.Error as err:
-        print(f"rectflow: error: {str(err).splitlines()[0]}", file=sys.stderr)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
+        # config_flags reports a bad override as whatever the ConfigDict raised, often
+        # a repr over several lines; squeeze it into one line that keeps the key's name.
+        text = " ".join(str(err).replace("\\n", " ").replace("\\'", "").split()).strip("'\"")
+        print(f"rectflow: error: bad command-line flag or config override: {text}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -8,6 +8,9 @@ Stages after the first differ only by small overrides, written as partial config
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -102,3 +105,11 @@ def stage_config(config: ml_collections.ConfigDict, kind: str) -> ml_collections
             del overrides["init"]
         _merge(merged, overrides, f"stages.{kind}")
     return merged
+
+
+def load_config(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """A config file's get_config(), as `--config=path[:arg]` would give it."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)

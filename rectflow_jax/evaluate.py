@@ -8,7 +8,6 @@ and class coverage on the generated samples.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
@@ -56,11 +55,21 @@ class FeatureClassifier:
         return self.net.predict_proba(np.asarray(images).reshape(len(images), -1))
 
 
-@functools.lru_cache(maxsize=4)
+_CLASSIFIERS: dict[tuple, tuple[FeatureClassifier, np.ndarray]] = {}
+
+
 def _classifier_for(dataset) -> tuple[FeatureClassifier, np.ndarray]:
-    real = dataset.reference(100_000)
-    classifier = FeatureClassifier(real["x1"], real["label"])
-    return classifier, classifier.features(real["x1"])
+    """The feature classifier of a dataset and its real features, fit once per process."""
+    key = (dataset.name, tuple(dataset.shape))
+    if key not in _CLASSIFIERS:
+        real = dataset.reference(dataset_size(dataset))
+        classifier = FeatureClassifier(real["x1"], real["label"])
+        _CLASSIFIERS[key] = classifier, classifier.features(real["x1"])
+    return _CLASSIFIERS[key]
+
+
+def dataset_size(dataset) -> int:
+    return len(dataset.images) if hasattr(dataset, "images") else 10_000
 
 
 def distance_to_data(dataset, samples: np.ndarray) -> dict[str, float]:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from rectflow_jax import checkpoint, configlib, evaluate, models, parallel, plots, sampling, teachers, train
+from rectflow_jax import checkpoint, configlib, evaluate, flow, models, parallel, plots, sampling, teachers, train
 from rectflow_jax.data import datasets, pairs as pair_io
 
 log = logging.getLogger("rectflow")
@@ -85,7 +85,7 @@ def train_stage(config, stage_dir: str | Path, kind: str, *, name: str | None = 
             raise pair_io.PairDataError(f"pairs in {str(pairs_dir)!r} have shape {tuple(info['shape'])}, "
                                         f"the data of this config {tuple(dataset.shape)}")
         meta["pairs"] = str(pairs_dir)
-        batches = lambda b, seed, start: pair_io.pair_batches(pairs_dir, b, seed, start)
+        batches = lambda b, seed, start, shard: pair_io.pair_batches(pairs_dir, b, seed, start, shard)
 
     stage = train.Stage(
         name=name or stage_dir.name, objective="distill" if kind == "distill" else "flow", model=model,
@@ -244,7 +244,11 @@ def write_report(config, workdir: str | Path) -> dict[str, Any]:
             plots.save_png(plots.trajectory_figure(np.asarray(sol.trajectory), dataset.reference(2000)["x1"],
                                                    title=f"{label} trajectories ({finest} steps)"), out / file)
             pictures.append((f"{label} trajectories", file))
-    claims = _claims(results, metric)
+    # The independent coupling's cost, the baseline rectification must not exceed.
+    x0, _ = draw_source(dataset, _stream(config.seed, EVAL_STREAM), config.eval.num_samples)
+    independent = float(flow.transport_cost(jnp.asarray(x0), jnp.asarray(
+        dataset.reference(config.eval.num_samples, seed=1)["x1"])))
+    claims = dict(_claims(results, metric), independent_coupling_transport_cost=independent)
     checkpoint.write_json(out / "metrics.json", {"metric": metric, "stages": results, "claims": claims})
     (out / "report.md").write_text(_report_markdown(config, results, metric, claims, pictures))
     return {"metric": metric, "stages": results, "claims": claims}

@@ -102,7 +102,7 @@ class Stage:
     shape: tuple[int, ...]
     num_classes: int
     source_fn: Callable             # (key, n) -> x0, used when batches carry no x0
-    batches: Callable[[int, int, int], Iterator[dict]]  # (local batch size, seed, start step)
+    batches: Callable[..., Iterator[dict]]  # (local batch size, seed, start step, shard=(index, count))
     init_params: Any = None         # a teacher's params, or None for a fresh init
     meta: dict = dataclasses.field(default_factory=dict)   # saved beside every checkpoint
     sample_fn: Callable | None = None   # params -> image (H, W, 3) uint8 for TensorBoard
@@ -200,7 +200,7 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
             out_shardings=(state_shardings, parallel.replicated(mesh)),
             donate_argnums=0)
         writer = _summary_writer(stage_dir / "tensorboard")
-        batches = stage.batches(local_batch, config.seed, start)
+        batches = stage.batches(local_batch, config.seed, start, shard=(jax.process_index(), jax.process_count()))
         pending: list[tuple[int, Any]] = []
         history: list[dict] = []
         bar = tqdm(total=num_steps, initial=start, desc=stage.name, unit="step", dynamic_ncols=True,
@@ -234,8 +234,9 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
     except TrainingDiverged as err:
         ckpt.wait()
         kept = ckpt.latest_step()
-        raise TrainingDiverged(f"{err} of stage {stage.name}: stopped; the last good checkpoint "
-                               f"(step {kept}) is kept in {stage_dir}") from None
+        where = (f"the last good checkpoint (step {kept}) is kept in {stage_dir}" if kept is not None
+                 else "no checkpoint had been saved yet")
+        raise TrainingDiverged(f"{err} of stage {stage.name}: stopped; {where}") from None
     finally:
         ckpt.wait()
         ckpt.close()

@@ -12,6 +12,7 @@ mis-shaped tensor is reported by name.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import struct
@@ -108,7 +109,8 @@ def read_safetensors(file: str | os.PathLike) -> dict[str, np.ndarray]:
     with open(file, "rb") as handle:
         (header_len,) = struct.unpack("<Q", handle.read(8))
         header = json.loads(handle.read(header_len))
-        data = handle.read()
+        # Memory-mapped: a multi-GB checkpoint is paged in as tensors are converted.
+        data = memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))[8 + header_len:]
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":

@@ -24,7 +24,7 @@ def toy_config(num_steps=50, **train_overrides):
 
 
 def toy_batches(nan_at=None):
-    def batches(batch_size, seed, start_step):
+    def batches(batch_size, seed, start_step, shard=(0, 1)):
         step = start_step
         while True:
             rng = np.random.default_rng((seed, step))

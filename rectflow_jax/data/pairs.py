@@ -66,7 +66,9 @@ def write_pair_shards(out_dir: str | Path, make_shard: Callable[[int], Mapping[s
 def _member_header(archive: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
     with archive.open(f"{key}.npy") as member:
         version = np.lib.format.read_magic(member)
-        shape, _, dtype = np.lib.format._read_array_header(member, version)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(member)
     return tuple(shape), np.dtype(dtype)
 
 
@@ -127,13 +129,14 @@ def _load_shard(path: str) -> dict[str, np.ndarray]:
         raise PairDataError(f"shard {path!r} is corrupt ({type(err).__name__}: {err})") from err
 
 
-def pair_batches(pair_dir: str | Path, batch_size: int, seed: int, start_step: int = 0, *,
-                 shuffle_buffer: int = 65536) -> Iterator[dict[str, np.ndarray]]:
+def pair_batches(pair_dir: str | Path, batch_size: int, seed: int, start_step: int = 0,
+                 shard: tuple[int, int] = (0, 1), *, shuffle_buffer: int = 65536) -> Iterator[dict[str, np.ndarray]]:
     """Infinite shuffled batches of pairs, deterministic for (seed, start_step).
 
     tf.data streams the shards (interleaved, then a seeded shuffle buffer) so a pair
     set need not fit in memory. Batch k of a run started at step s equals batch s + k
-    of a run started at 0: resumed training sees the same data.
+    of a run started at 0: resumed training sees the same data. `shard=(index, count)`
+    gives process `index` of `count` its own batches of the one global stream.
     """
     import tensorflow as tf
 
@@ -150,7 +153,9 @@ def pair_batches(pair_dir: str | Path, batch_size: int, seed: int, start_step: i
 
     files = tf.data.Dataset.from_tensor_slices(info["files"])
     ds = files.shuffle(len(info["files"]), seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.interleave(shard_dataset, cycle_length=min(4, len(info["files"])), deterministic=True)
+    ds = ds.interleave(shard_dataset, cycle_length=min(4, len(info["files"])),
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.shuffle(min(shuffle_buffer, info["num_pairs_found"]), seed=seed + 1, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size, drop_remainder=True).skip(start_step).prefetch(2)
+    index, count = shard
+    ds = ds.batch(batch_size, drop_remainder=True).shard(count, index).skip(start_step).prefetch(2)
     yield from ds.as_numpy_iterator()

@@ -1,0 +1,73 @@
+"""Our velocity networks, built by name from a config."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rectflow_jax.models.mlp import MLPVelocity
+from rectflow_jax.models.unet import UNet
+
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLPVelocity, "unet": UNet}
+_DATA_RANK = {"mlp": 1, "unet": 3}  # (D,) vectors, (H, W, C) images
+
+
+def _module_fields(cls: type[nn.Module]) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")}
+
+
+def _field_value(value: Any, key: str) -> Any:
+    if key in ("dtype", "param_dtype"):
+        return jnp.dtype(value)  # configs may write 'bfloat16'
+    return tuple(value) if isinstance(value, list) else value  # module fields must be hashable
+
+
+def build_velocity_model(model_config: Mapping[str, Any], data_shape: tuple[int, ...],
+                         num_classes: int) -> nn.Module:
+    """The network named by `model_config.name`, its other keys being the module's fields.
+
+    `num_classes` comes from the dataset; a config that also sets it must agree.
+    """
+    config = dict(model_config)
+    name = config.pop("name", None)
+    if name not in MODELS:
+        raise ValueError(f"unknown model name {name!r}; valid names: {sorted(MODELS)}")
+    cls = MODELS[name]
+    unknown = sorted(set(config) - _module_fields(cls))
+    if unknown:
+        raise ValueError(f"unknown keys for model {name!r}: {unknown}; valid: {sorted(_module_fields(cls))}")
+    if config.setdefault("num_classes", num_classes) != num_classes:
+        raise ValueError(f"model num_classes={config['num_classes']} but the data has {num_classes}")
+    if len(data_shape) != _DATA_RANK[name]:
+        raise ValueError(f"model {name!r} needs data of rank {_DATA_RANK[name]}, got shape {data_shape}")
+    return cls(**{k: _field_value(v, k) for k, v in config.items()})
+
+
+def _dummy_inputs(data_shape: tuple[int, ...], num_classes: int) -> tuple:
+    labels = jnp.zeros((1,), jnp.int32) if num_classes else None
+    return jnp.zeros((1, *data_shape), jnp.float32), jnp.zeros((1,), jnp.float32), labels
+
+
+# Static model and shapes: jit reuses the compiled init across calls with equal modules.
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init(model: nn.Module, rng: jax.Array, data_shape: tuple[int, ...], num_classes: int) -> Any:
+    return nn.unbox(model.init(rng, *_dummy_inputs(data_shape, num_classes))["params"])
+
+
+def init_params(model: nn.Module, rng: jax.Array, data_shape: tuple[int, ...], num_classes: int) -> Any:
+    """Freshly initialised, unboxed params (the 'params' collection)."""
+    return _init(model, rng, tuple(data_shape), int(num_classes))
+
+
+def param_partition_specs(model: nn.Module, data_shape: tuple[int, ...], num_classes: int) -> Any:
+    """PartitionSpecs of logical axis names, one per param, without allocating any."""
+    variables = jax.eval_shape(model.init, jax.random.key(0), *_dummy_inputs(data_shape, num_classes))
+    return nn.get_partition_spec(variables["params"])
+
+
+__all__ = ["MLPVelocity", "UNet", "MODELS", "build_velocity_model", "init_params", "param_partition_specs"]

@@ -1,0 +1,403 @@
+"""Stable Diffusion UNet: diffusers' `UNet2DConditionModel` (SD 1.x / 2.x) in Flax linen, NHWC.
+
+Submodules carry the diffusers attribute names (`down_blocks_0/attentions_1/...`), so
+`rectflow_jax.weights` maps every leaf to its PyTorch tensor: `from_pretrained` reads a
+diffusers `unet/` folder and `save_pretrained` writes one that diffusers loads back.
+
+Call: `module.apply({'params': p}, sample, timesteps, encoder_hidden_states)` with sample
+(B, H, W, C), timesteps (B,) or a scalar in SD units (0..1000) and encoder_hidden_states
+(B, L, D); returns (B, H, W, out_channels) in float32 whatever the compute `dtype`.
+
+The module's fields are the diffusers config keys it implements, under their diffusers
+names and meanings; `config_json` keeps the whole config.json it was built from (a string,
+so the module stays hashable) and `module.config` gives it back with the fields laid over.
+Config features outside SD 1.x / 2.x raise NotImplementedError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rectflow_jax import weights
+from rectflow_jax.models.layers import (
+    conv, dense, group_norm, layer_norm, multi_head_attention, sinusoidal_embedding, upsample_nearest_2x)
+
+Dtype = Any
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+# diffusers config keys held as module fields (same names, same meanings, same defaults).
+CONFIG_KEYS = (
+    "sample_size", "in_channels", "out_channels", "center_input_sample", "flip_sin_to_cos", "freq_shift",
+    "down_block_types", "mid_block_type", "up_block_types", "block_out_channels", "layers_per_block",
+    "downsample_padding", "mid_block_scale_factor", "norm_num_groups", "norm_eps", "cross_attention_dim",
+    "transformer_layers_per_block", "attention_head_dim", "num_attention_heads", "use_linear_projection",
+    "upcast_attention", "conv_in_kernel", "conv_out_kernel",
+)
+# Keys whose other values select features this port does not implement. Keys that only
+# reach block types refused below (resnet_skip_time_act, resnet_out_scale_factor, ...) are ignored.
+_ONLY = {
+    "act_fn": ("silu", "swish"), "dropout": (0, 0.0), "dual_cross_attention": (False,),
+    "class_embed_type": (None,), "num_class_embeds": (None,), "addition_embed_type": (None,),
+    "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,), "time_embedding_type": ("positional",),
+    "time_embedding_dim": (None,), "time_embedding_act_fn": (None,), "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,), "resnet_time_scale_shift": ("default",), "attention_type": ("default",),
+    "class_embeddings_concat": (False,), "reverse_transformer_layers_per_block": (None,),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn", None),
+}
+_DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # type -> has cross-attention
+_UP_BLOCKS = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+
+
+def _per_block(value: Any, n: int) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists -> tuples, so config values can be (hashable) module fields."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+@functools.cache
+def _maybe_remat(cls: type, remat: bool) -> type:
+    return nn.remat(cls) if remat else cls
+
+
+@dataclasses.dataclass(frozen=True)
+class Shared:
+    """Settings every block shares (one hashable field instead of seven)."""
+    groups: int
+    eps: float
+    use_linear_projection: bool
+    upcast_attention: bool
+    remat: bool
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @property
+    def kw(self) -> dict[str, Dtype]:
+        return {"dtype": self.dtype, "param_dtype": self.param_dtype}
+
+
+class ResnetBlock2D(nn.Module):
+    out_channels: int
+    shared: Shared
+    output_scale_factor: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+        s, kw = self.shared, self.shared.kw
+        h = nn.silu(group_norm(s.groups, s.eps, name="norm1", **kw)(x))
+        h = conv(self.out_channels, name="conv1", **kw)(h)
+        h = h + dense(self.out_channels, name="time_emb_proj", **kw)(nn.silu(temb))[:, None, None, :]
+        h = nn.silu(group_norm(s.groups, s.eps, name="norm2", **kw)(h))
+        h = conv(self.out_channels, name="conv2", **kw)(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, name="conv_shortcut", **kw)(x)
+        return (x + h) / self.output_scale_factor
+
+
+class Attention(nn.Module):
+    heads: int
+    dim_head: int
+    shared: Shared
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        kw, inner = self.shared.kw, self.heads * self.dim_head
+        context = x if context is None else context
+        qkv = lambda name, a: dense(inner, axes=("embed", "heads"), use_bias=False, name=name, **kw)(a)
+        out = multi_head_attention(qkv("to_q", x), qkv("to_k", context), qkv("to_v", context), self.heads,
+                                   upcast=self.shared.upcast_attention)
+        return dense(x.shape[-1], axes=("heads", "embed"), name="to_out_0", **kw)(out)
+
+
+class GEGLU(nn.Module):
+    features: int
+    shared: Shared
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h, gate = jnp.split(dense(2 * self.features, name="proj", **self.shared.kw)(x), 2, axis=-1)
+        return h * jax.nn.gelu(gate, approximate=False)  # torch F.gelu is the exact (erf) form
+
+
+class FeedForward(nn.Module):
+    shared: Shared
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = GEGLU(4 * x.shape[-1], self.shared, name="net_0")(x)  # net_1 is dropout: no params
+        return dense(x.shape[-1], axes=("mlp", "embed"), name="net_2", **self.shared.kw)(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    heads: int
+    dim_head: int
+    shared: Shared
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        norm = lambda name: layer_norm(1e-5, name=name, **self.shared.kw)
+        attn = lambda name: Attention(self.heads, self.dim_head, self.shared, name=name)
+        x = x + attn("attn1")(norm("norm1")(x))
+        x = x + attn("attn2")(norm("norm2")(x), context)
+        return x + FeedForward(self.shared, name="ff")(norm("norm3")(x))
+
+
+class Transformer2DModel(nn.Module):
+    heads: int
+    depth: int
+    shared: Shared
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        s, kw = self.shared, self.shared.kw
+        b, height, width, channels = x.shape
+        dim_head = channels // self.heads  # diffusers floors: inner width may be < channels
+        inner = self.heads * dim_head
+        # Dense (SD 2.x) and 1x1 conv (SD 1.x) are the same map on NHWC; they differ only in
+        # the stored tensor layout, which must round-trip to diffusers.
+        proj = ((lambda f, name: dense(f, name=name, **kw)) if s.use_linear_projection
+                else (lambda f, name: conv(f, 1, name=name, **kw)))
+        h = group_norm(s.groups, 1e-6, name="norm", **kw)(x)  # fixed 1e-6, not the UNet norm_eps
+        h = proj(inner, "proj_in")(h).reshape(b, height * width, inner)
+        block = _maybe_remat(BasicTransformerBlock, s.remat)
+        for i in range(self.depth):
+            h = block(self.heads, dim_head, s, name=f"transformer_blocks_{i}")(h, context)
+        return x + proj(channels, "proj_out")(h.reshape(b, height, width, inner))
+
+
+class Downsample2D(nn.Module):
+    padding: int
+    shared: Shared
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # diffusers pads (0, 1) on each side when the configured padding is 0.
+        pad = self.padding or ((0, 1), (0, 1))
+        return conv(x.shape[-1], strides=2, padding=pad, name="conv", **self.shared.kw)(x)
+
+
+def _resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """torch F.interpolate(mode='nearest', size=size) on NHWC: source index floor(i * in / out)."""
+    for axis, out in zip((1, 2), size):
+        x = jnp.take(x, (np.arange(out) * x.shape[axis]) // out, axis=axis)
+    return x
+
+
+class Upsample2D(nn.Module):
+    shared: Shared
+
+    @nn.compact
+    def __call__(self, x: jax.Array, size: tuple[int, int]) -> jax.Array:
+        # `size` is the next skip's (H, W): not 2x when the input was not a multiple of 2**levels.
+        x = upsample_nearest_2x(x) if size == (2 * x.shape[1], 2 * x.shape[2]) else _resize_nearest(x, size)
+        return conv(x.shape[-1], name="conv", **self.shared.kw)(x)
+
+
+class DownBlock(nn.Module):
+    """CrossAttnDownBlock2D when `attention`, else DownBlock2D."""
+    attention: bool
+    out_channels: int
+    num_layers: int
+    heads: int
+    depth: int
+    add_downsample: bool
+    downsample_padding: int
+    shared: Shared
+
+    @nn.compact
+    def __call__(self, x, temb, context):
+        resnet = _maybe_remat(ResnetBlock2D, self.shared.remat)
+        skips = []
+        for i in range(self.num_layers):
+            x = resnet(self.out_channels, self.shared, name=f"resnets_{i}")(x, temb)
+            if self.attention:
+                x = Transformer2DModel(self.heads, self.depth, self.shared, name=f"attentions_{i}")(x, context)
+            skips.append(x)
+        if self.add_downsample:
+            x = Downsample2D(self.downsample_padding, self.shared, name="downsamplers_0")(x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """CrossAttnUpBlock2D when `attention`, else UpBlock2D; consumes one skip per resnet."""
+    attention: bool
+    out_channels: int
+    heads: int
+    depth: int
+    add_upsample: bool
+    shared: Shared
+
+    @nn.compact
+    def __call__(self, x, skips, temb, context, upsample_size):
+        resnet = _maybe_remat(ResnetBlock2D, self.shared.remat)
+        for i, skip in enumerate(reversed(skips)):
+            x = resnet(self.out_channels, self.shared, name=f"resnets_{i}")(jnp.concatenate([x, skip], -1), temb)
+            if self.attention:
+                x = Transformer2DModel(self.heads, self.depth, self.shared, name=f"attentions_{i}")(x, context)
+        if self.add_upsample:
+            x = Upsample2D(self.shared, name="upsamplers_0")(x, upsample_size)
+        return x
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+    heads: int
+    depth: int
+    output_scale_factor: float
+    shared: Shared
+
+    @nn.compact
+    def __call__(self, x, temb, context):
+        resnet = _maybe_remat(ResnetBlock2D, self.shared.remat)
+        res = lambda i: resnet(x.shape[-1], self.shared, self.output_scale_factor, name=f"resnets_{i}")
+        x = res(0)(x, temb)
+        x = Transformer2DModel(self.heads, self.depth, self.shared, name="attentions_0")(x, context)
+        return res(1)(x, temb)
+
+
+class TimestepEmbedding(nn.Module):
+    features: int
+    shared: Shared
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.silu(dense(self.features, name="linear_1", **self.shared.kw)(x))
+        return dense(self.features, name="linear_2", **self.shared.kw)(x)
+
+
+class UNet2DConditionModel(nn.Module):
+    """diffusers UNet2DConditionModel; fields named and defaulted like its config keys.
+
+    Note the diffusers quirk kept here: without `num_attention_heads`, `attention_head_dim`
+    is the NUMBER of heads (per block if a sequence); the head width is channels // heads.
+    `num_attention_heads` takes precedence when set (diffusers' own UNet2DConditionModel
+    refuses that key with a ValueError, so such configs only come from elsewhere).
+    """
+    sample_size: Any = None  # carried for pipelines; any H, W works
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: Sequence[str] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    up_block_types: Sequence[str] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    block_out_channels: Sequence[int] = (320, 640, 1280, 1280)
+    layers_per_block: int | Sequence[int] = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int | Sequence[int] = 1280
+    transformer_layers_per_block: int | Sequence[int] = 1
+    attention_head_dim: int | Sequence[int] = 8
+    num_attention_heads: int | Sequence[int] | None = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    # Not diffusers config: compute dtype (e.g. bf16), parameter dtype, per-block rematerialisation.
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+    config_json: str = "{}"
+
+    @nn.compact
+    def __call__(self, sample: jax.Array, timesteps: jax.Array | float, encoder_hidden_states: jax.Array) -> jax.Array:
+        n = len(self.block_out_channels)
+        heads = _per_block(self.num_attention_heads or self.attention_head_dim, n)
+        layers = _per_block(self.layers_per_block, n)
+        depth = _per_block(self.transformer_layers_per_block, n)
+        shared = Shared(self.norm_num_groups, self.norm_eps, self.use_linear_projection, self.upcast_attention,
+                        self.remat, self.dtype, self.param_dtype)
+        kw, ch0, context = shared.kw, self.block_out_channels[0], encoder_hidden_states
+
+        t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), sample.shape[:1])
+        emb = sinusoidal_embedding(t, ch0, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
+        emb = TimestepEmbedding(4 * ch0, shared, name="time_embedding")(emb)
+
+        if self.center_input_sample:
+            sample = 2 * sample - 1.0
+        x = conv(ch0, self.conv_in_kernel, padding=(self.conv_in_kernel - 1) // 2, name="conv_in", **kw)(sample)
+        skips = [x]
+        for i, (kind, ch) in enumerate(zip(self.down_block_types, self.block_out_channels)):
+            x, res = DownBlock(_DOWN_BLOCKS[kind], ch, layers[i], heads[i], depth[i], i < n - 1,
+                               self.downsample_padding, shared, name=f"down_blocks_{i}")(x, emb, context)
+            skips += res
+        if self.mid_block_type is not None:
+            x = UNetMidBlock2DCrossAttn(heads[-1], depth[-1], self.mid_block_scale_factor, shared,
+                                        name="mid_block")(x, emb, context)
+        for i, kind in enumerate(self.up_block_types):
+            j = n - 1 - i  # the down block this up block mirrors
+            k = layers[j] + 1
+            res, skips = skips[-k:], skips[:-k]
+            upsample_size = skips[-1].shape[1:3] if skips else None
+            x = UpBlock(_UP_BLOCKS[kind], self.block_out_channels[j], heads[j], depth[j], i < n - 1, shared,
+                        name=f"up_blocks_{i}")(x, tuple(res), emb, context, upsample_size)
+
+        x = nn.silu(group_norm(self.norm_num_groups, self.norm_eps, name="conv_norm_out", **kw)(x))
+        x = conv(self.out_channels, self.conv_out_kernel, padding=(self.conv_out_kernel - 1) // 2,
+                 name="conv_out", **kw)(x)
+        return x.astype(jnp.float32)
+
+    # ------------------------------------------------------------------ config and weights
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **kwargs: Any) -> "UNet2DConditionModel":
+        """Module from a diffusers config dict; `kwargs` set dtype, param_dtype, remat."""
+        config = dict(config)
+        n = len(config.get("block_out_channels", cls.block_out_channels))
+        for key, allowed in _ONLY.items():
+            if key in config and config[key] not in allowed:
+                raise NotImplementedError(f"UNet config {key}={config[key]!r} is not supported (only {allowed})")
+        if "norm_num_groups" in config and config["norm_num_groups"] is None:
+            raise NotImplementedError("UNet config norm_num_groups=None is not supported")
+        if any(_per_block(config.get("only_cross_attention", False), n)):
+            raise NotImplementedError("UNet config only_cross_attention=True is not supported")
+        for key, known in (("down_block_types", _DOWN_BLOCKS), ("up_block_types", _UP_BLOCKS)):
+            for kind in config.get(key, ()):
+                if kind not in known:
+                    raise NotImplementedError(f"UNet config {key} entry {kind!r} is not supported (only {list(known)})")
+        if len(set(_per_block(config.get("cross_attention_dim", 1280), n))) > 1:
+            raise NotImplementedError("UNet config cross_attention_dim differing per block is not supported")
+        if any(isinstance(v, (list, tuple)) for v in _per_block(config.get("transformer_layers_per_block", 1), n)):
+            raise NotImplementedError("UNet config transformer_layers_per_block nested per layer is not supported")
+        fields = {k: _tuples(config[k]) for k in CONFIG_KEYS if k in config}
+        return cls(**fields, config_json=json.dumps(config, sort_keys=True), **kwargs)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The diffusers config: the one built from, with the current field values laid over."""
+        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(self, k)) for k in CONFIG_KEYS)}
+        return {"_class_name": "UNet2DConditionModel", **json.loads(self.config_json), **fields}
+
+    def dummy_inputs(self, batch: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Smallest valid inputs (for init / eval_shape; param shapes do not depend on H, W)."""
+        size = 2 ** (len(self.block_out_channels) - 1)
+        width = _per_block(self.cross_attention_dim, 1)[0]
+        return (jnp.zeros((batch, size, size, self.in_channels), self.dtype), jnp.zeros((batch,), jnp.float32),
+                jnp.zeros((batch, 1, width), self.dtype))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, subfolder: str | None = "unet", *, dtype: Dtype = jnp.float32,
+                        param_dtype: Dtype = jnp.float32, remat: bool = False,
+                        allow_pickle: bool = False) -> tuple["UNet2DConditionModel", dict[str, Any]]:
+        """(module, params) from a diffusers folder; params are numpy arrays in `param_dtype`."""
+        build = lambda config: cls.from_config(config, dtype=dtype, param_dtype=param_dtype, remat=remat)
+        return weights.load_pretrained(folder, subfolder, build, lambda module: module.dummy_inputs(),
+                                       allow_pickle=allow_pickle, dtype=param_dtype)
+
+    def save_pretrained(self, params: Mapping[str, Any], folder: str | Path) -> Path:
+        """Writes config.json and diffusion_pytorch_model.safetensors that diffusers loads."""
+        return weights.save_pretrained(folder, self.config, nn.unbox(params), WEIGHTS_NAME)
