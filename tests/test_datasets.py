@@ -84,6 +84,7 @@ def test_digits_upsampled_and_unconditional():
     batch = nth_batch(ds, 32, seed=0, n=2)
     assert set(batch) == {"x1"} and batch["x1"].shape == (32, 16, 16, 1)
     assert -1.0 <= batch["x1"].min() and batch["x1"].max() <= 1.0
+    assert set(ds.reference(10)) == {"x1", "label"}  # evaluators classify with the labels
     assert ds.sample_source(jax.random.key(0), 3).shape == (3, 16, 16, 1)
 
 
@@ -121,8 +122,9 @@ def test_cifar10_through_mock_tfds():
         assert not np.array_equal(next(ds.batches(8, seed=4))["x1"], batch["x1"])
 
         # Flips change pixels, never the order: each image is the plain one or its mirror.
-        plain = next(dataset(name="cifar10", random_flip=False).batches(8, seed=3))
-        assert "label" not in plain
+        unconditional = dataset(name="cifar10", random_flip=False)
+        plain = next(unconditional.batches(8, seed=3))
+        assert "label" not in plain and "label" in unconditional.reference(4)
         mirrored = [np.array_equal(f, p[:, ::-1]) for f, p in zip(batch["x1"], plain["x1"])]
         assert all(m or np.array_equal(f, p) for m, f, p in zip(mirrored, batch["x1"], plain["x1"]))
         assert any(mirrored)
