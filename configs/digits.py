@@ -19,27 +19,27 @@ def get_config():
     config = base_config()
     config.data.name = "digits"
     config.data.image_size = 8
-    config.model = dict(name="unet", ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+    config.model = dict(name="unet", ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                         dropout=0.0)
 
     config.optim.lr = 1e-3
     config.optim.warmup_steps = 200
     config.optim.ema_decay = 0.999
-    config.train.batch_size = 128
-    config.train.num_steps = 3000
+    config.train.batch_size = 64
+    config.train.num_steps = 2000
     config.train.log_every = 100
     config.train.checkpoint_every = 1000
 
-    config.stages.reflow.train = dict(num_steps=3000)
+    config.stages.reflow.train = dict(num_steps=1500)
     config.stages.reflow.optim = dict(lr=5e-4)
-    config.stages.distill.train = dict(num_steps=2000)
+    config.stages.distill.train = dict(num_steps=1500)
     config.stages.distill.optim = dict(lr=2e-4)
 
-    config.pairs.num_pairs = 8000
-    config.pairs.shard_size = 2000
-    config.pairs.num_steps = 50
+    config.pairs.num_pairs = 5000
+    config.pairs.shard_size = 1250
+    config.pairs.num_steps = 25
     config.pairs.batch_size = 1000
 
     config.sample.num_samples = 100
-    config.eval.num_samples = 1000
+    config.eval.num_samples = 500
     return config

@@ -4,6 +4,9 @@
   rectflow pairs    --config C --checkpoint STAGE --out P                reflow couplings
   rectflow distill  --config C --checkpoint TEACHER --pairs P --workdir W
   rectflow sample   --config C --checkpoint STAGE --out O               samples.npz + picture
+  rectflow sample   --pretrained FOLDER --prompt P [--prompts_file F] --out O
+                    [--config.sample.num_steps=N --config.sample.guidance_scale=S]
+                    [--interpolate_seeds=A,B --config.sample.num_frames=K]     text to PNGs (no --config needed)
   rectflow eval     --config C --checkpoint STAGE [--out O]             metrics.json
   rectflow pipeline --config C --workdir W                              1-RF -> 2-RF -> distill + report
 
@@ -24,12 +27,21 @@ from ml_collections import config_flags
 
 COMMANDS = ("train", "pairs", "distill", "sample", "eval", "pipeline")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
+_BASE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configlib.py")
+# Defaults to the base config so that `sample --pretrained` needs no config file.
+_CONFIG = config_flags.DEFINE_config_file("config", _BASE_CONFIG, "Experiment config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Stage directory (train, distill) or pipeline root.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A stage directory to read (teacher, sampler, eval).")
 _PAIRS = flags.DEFINE_string("pairs", None, "A pair directory written by `rectflow pairs`.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bars.")
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "sample: a diffusers pipeline folder (2-RF, InstaFlow).")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "sample --pretrained: a prompt (repeat for several).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "sample --pretrained: a file of prompts, one a line.")
+flags.DEFINE_alias("prompts-file", "prompts_file")
+_INTERPOLATE = flags.DEFINE_list("interpolate_seeds", None, "sample --pretrained: A,B: frames slerped between "
+                                 "the two seeds' noise (config.sample.num_frames of them).")
+_ALLOW_PICKLE = flags.DEFINE_bool("allow_pickle", False, "Read PyTorch .bin weights (needs torch; pickles can run code).")
 
 
 class UsageError(ValueError):
@@ -46,7 +58,12 @@ def run(command: str) -> None:
     from rectflow_jax import parallel, pipeline
 
     config = _CONFIG.value
-    if config is None:
+    if command == "sample" and _PRETRAINED.value:
+        if _CHECKPOINT.value:
+            raise UsageError("give `rectflow sample` either --checkpoint or --pretrained, not both")
+        sample_pretrained(config, _PRETRAINED.value, _need(_OUT, command), progress=not _QUIET.value)
+        return
+    if not flags.FLAGS["config"].present:
         raise UsageError(f"`rectflow {command}` needs --config (e.g. configs/digits.py)")
     d = config.distributed
     parallel.initialize_distributed(d.coordinator, d.num_processes, d.process_id)
@@ -77,6 +94,33 @@ def run(command: str) -> None:
         report = pipeline.run_pipeline(config, work, progress=progress)
         print(json.dumps(report["claims"], indent=2))
         print(f"report: {Path(work) / 'report' / 'report.md'}")
+
+
+def sample_pretrained(config, pretrained: str, out: str, progress: bool) -> None:
+    from rectflow_jax import text_to_image as t2i
+
+    prompts = list(_PROMPT.value)
+    if _PROMPTS_FILE.value:
+        prompts += [line.strip() for line in Path(_PROMPTS_FILE.value).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError("`rectflow sample --pretrained` needs --prompt or --prompts_file")
+    cfg = config.sample
+    pipe = t2i.TextToImage.from_pretrained(pretrained, dtype=cfg.dtype, allow_pickle=_ALLOW_PICKLE.value)
+    common = dict(num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt,
+                  batch_size=cfg.batch_size, height=cfg.height, width=cfg.width, save_latents=cfg.save_latents,
+                  progress=progress)
+    if _INTERPOLATE.value:
+        try:
+            seeds = tuple(int(s) for s in _INTERPOLATE.value)
+        except ValueError:
+            seeds = ()
+        if len(seeds) != 2:
+            raise UsageError(f"--interpolate_seeds takes two integers A,B, got {','.join(_INTERPOLATE.value)}")
+        records = t2i.interpolate_to_folder(pipe, prompts, out, seeds=seeds, num_frames=cfg.num_frames, **common)
+    else:
+        records = t2i.generate_to_folder(pipe, prompts, out, seed=config.seed,
+                                         images_per_prompt=cfg.images_per_prompt, **common)
+    print(f"wrote {len(records)} images to {out} (prompts.json lists them)")
 
 
 def _main(argv) -> None:

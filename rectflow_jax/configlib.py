@@ -67,7 +67,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.num_steps = 1
     c.sample.num_samples = 64
     c.sample.method = "euler"
-    c.sample.batch_size = 1000
+    c.sample.batch_size = 1000            # text-to-image: min(this, number of images); SD wants ~8
+    # Text-to-image (`rectflow sample --pretrained FOLDER`), see rectflow_jax/text_to_image.py.
+    c.sample.guidance_scale = 1.0         # 1: no classifier-free guidance (InstaFlow one-step)
+    c.sample.negative_prompt = ""         # the unconditional text when guidance_scale != 1
+    c.sample.height = config_dict.placeholder(int)   # pixels; unset: unet sample_size * VAE factor
+    c.sample.width = config_dict.placeholder(int)
+    c.sample.dtype = "float32"            # compute and parameter dtype: float32 | bfloat16
+    c.sample.images_per_prompt = 1
+    c.sample.num_frames = 8               # with --interpolate_seeds=A,B
+    c.sample.save_latents = True          # latents.npz (x0, x1); off for very large runs
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 2000
@@ -81,6 +90,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.num_processes = config_dict.placeholder(int)
     c.distributed.process_id = config_dict.placeholder(int)
     return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The default of the `--config` flag: the base config (commands that need no experiment)."""
+    return base_config()
 
 
 def _merge(target: ml_collections.ConfigDict, overrides: ml_collections.ConfigDict, where: str) -> None:

@@ -119,6 +119,8 @@ def test_unet_time_embeddings():
         features = UNet(ch=16, embedding_type=embedding_type).apply({}, t, method=UNet._time_features)
         assert features.shape == (3, 16) and bool(jnp.isfinite(features).all())
         assert not jnp.allclose(features[0], features[2])
+    with pytest.raises(ValueError, match="divisible by 2"):
+        jax.eval_shape(UNet(**TINY_UNET).init, KEY(0), jnp.zeros((1, 5, 5, 1)), jnp.zeros(1))
     with pytest.raises(ValueError, match="embedding_type"):
         UNet(ch=16, embedding_type="learned").apply({}, t, method=UNet._time_features)
 

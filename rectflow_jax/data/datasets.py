@@ -7,7 +7,8 @@ Every dataset is a `Dataset` made by `get_dataset(config.data)`:
     only on (seed, k, shard), so `batches(B, seed, start_step=k)` resumes a run exactly.
     `shard=(index, count)`: this process's disjoint share when several processes each
     load their own part of a global batch (`count` shards of `batch_size` each).
-  - `reference(n, seed=0)`: n real samples for evaluation, in the same dict layout.
+  - `reference(n, seed=0)`: n real samples for evaluation: {'x1', and 'label' whenever
+    the data has labels, conditional or not (evaluators classify samples with them)}.
 
 Datasets (config keys besides `name`, defaults in brackets):
   '2gmm'       pi0 = 1/2 N((-5,-5), 0.25 I) + 1/2 N((-5,5), 0.25 I) (the source is this
@@ -146,9 +147,9 @@ class ArrayDataset(Dataset):
     images: np.ndarray = dataclasses.field(repr=False, compare=False)  # (N, *shape) float32 in [-1, 1]
     labels: np.ndarray = dataclasses.field(repr=False, compare=False)  # (N,) int32
 
-    def _take(self, indices: np.ndarray) -> Batch:
+    def _take(self, indices: np.ndarray, with_labels: bool) -> Batch:
         batch = {"x1": self.images[indices]}
-        if self.num_classes:
+        if with_labels:
             batch["label"] = self.labels[indices]
         return batch
 
@@ -166,14 +167,14 @@ class ArrayDataset(Dataset):
             for epoch in np.unique(epochs):
                 order = np.random.default_rng((seed, _TRAIN_STREAM, int(epoch))).permutation(size)
                 indices[epochs == epoch] = order[offsets[epochs == epoch]]
-            yield self._take(indices)
+            yield self._take(indices, with_labels=bool(self.num_classes))
             step += 1
 
     def reference(self, n: int, seed: int = 0) -> Batch:
         if n > len(self.images):
             raise ValueError(f"{self.name} has only {len(self.images)} examples, asked for {n}")
         rng = np.random.default_rng((seed, _REFERENCE_STREAM, 0))
-        return self._take(np.sort(rng.permutation(len(self.images))[:n]))
+        return self._take(np.sort(rng.permutation(len(self.images))[:n]), with_labels=True)
 
 
 def _bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
@@ -229,11 +230,12 @@ class TfdsImageDataset(Dataset):
 
         return tfds.load(self.tfds_name, split=split, data_dir=self.data_dir, shuffle_files=False)
 
-    def _to_batch(self, example: Mapping[str, Any], image) -> dict:
+    @staticmethod
+    def _to_batch(example: Mapping[str, Any], image, with_labels: bool) -> dict:
         import tensorflow as tf
 
         batch = {"x1": tf.cast(image, tf.float32) / 127.5 - 1.0}
-        if self.num_classes:
+        if with_labels:
             batch["label"] = tf.cast(example["label"], tf.int32)
         return batch
 
@@ -260,7 +262,7 @@ class TfdsImageDataset(Dataset):
             if self.random_flip:
                 image = tf.image.stateless_random_flip_left_right(
                     image, seed=tf.stack([tf.constant(seed, tf.int64), position]))
-            return self._to_batch(example, image)
+            return self._to_batch(example, image, with_labels=bool(self.num_classes))
 
         ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_stream)
         ds = ds.skip(offset).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
@@ -277,7 +279,7 @@ class TfdsImageDataset(Dataset):
         if n > size:
             raise ValueError(f"{self.tfds_name}:{self.reference_split} has only {size} examples, asked for {n}")
         ds = examples.shuffle(size, seed=seed).take(n)
-        ds = ds.map(lambda example: self._to_batch(example, example["image"])).batch(n)
+        ds = ds.map(lambda example: self._to_batch(example, example["image"], with_labels=True)).batch(n)
         return next(iter(tfds.as_numpy(ds)))
 
 

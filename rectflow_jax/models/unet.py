@@ -107,6 +107,10 @@ class UNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, labels: jax.Array | None = None,
                  train: bool = False) -> jax.Array:
+        factor = 2 ** (len(self.ch_mult) - 1)
+        if x.shape[1] % factor or x.shape[2] % factor:
+            raise ValueError(f"UNet with {len(self.ch_mult)} levels needs H and W divisible by {factor}, "
+                             f"got {x.shape[1:3]}")
         layer = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block = dict(dropout=self.dropout, skip_rescale=self.resblock_skip_rescale, **layer)
         attn = dict(skip_rescale=self.resblock_skip_rescale, **layer)

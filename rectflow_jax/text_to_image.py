@@ -1,0 +1,330 @@
+"""Text-to-image with Stable-Diffusion-shaped velocity models (2-RF, InstaFlow).
+
+`TextToImage.from_pretrained(folder)` reads a diffusers pipeline folder (model_index.json;
+unet/, vae/, text_encoder/, tokenizer/) into our Flax models and transformers'
+CLIPTokenizer. Sampling follows the project convention (DESIGN.md): latents
+x0 ~ N(0, I); v(x, t) = unet(x, (1 - t) * 1000, text); Euler from t = 0 to 1 with
+`sampling.integrate`; images = vae.decode(x1 / scaling_factor). With a guidance scale
+s != 1, v = v_u + s (v_c - v_u), conditional and unconditional halves in one UNet call.
+Text encoding, the ODE and decoding run in one jit, compiled once per
+(batch, steps, latent size, guidance on/off).
+
+Seeds: prompt k of a run uses seed `seed + k`, and its image i starts from
+x0 = normal(fold_in(key(seed + k), i)). An image thus depends on its prompt, seed and
+index only, never on the batch it ran in or on the prompts around it: prompt k of a
+file is reproduced by a one-prompt run with seed `seed + k`.
+
+What `generate_to_folder` and `interpolate_to_folder` write in the output folder:
+  NNNNN.png                 one image each, numbered in run order (prompt-major)
+  latents.npz               x0 (initial noise) and x1 (final latents), float32 NHWC, with
+                            prompt_index and seed, plus image_index or alpha per image
+  prompts.json              the settings and, per image, its file, prompt and seed
+  interpolation_KKKKK.png   (interpolation) prompt K's frames side by side
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from rectflow_jax import sampling
+from rectflow_jax.models.clip_text import CLIPTextModel
+from rectflow_jax.models.sd_unet import UNet2DConditionModel
+from rectflow_jax.models.vae import AutoencoderKL
+from rectflow_jax.weights import WeightLoadError, resolve_folder
+
+log = logging.getLogger("rectflow")
+
+# model_index.json component -> the classes we can load for it.
+COMPONENTS = {"unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",), "text_encoder": ("CLIPTextModel",),
+              "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast")}
+LOADERS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+# Pipelines whose UNet is a velocity field under our convention; others (SD's own) predict noise.
+VELOCITY_PIPELINES = ("RectifiedFlowPipeline",)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def read_model_index(folder: str | os.PathLike) -> dict[str, Any]:
+    """model_index.json of a pipeline folder, checked to name components we can load."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise WeightLoadError(f"pretrained folder {str(root)!r} does not exist or is not a directory")
+    path = root / "model_index.json"
+    if not path.is_file():
+        raise WeightLoadError(f"{str(root)!r} has no model_index.json; is it a diffusers pipeline folder "
+                              "(unet/, vae/, text_encoder/, tokenizer/)?")
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise WeightLoadError(f"{str(path)!r} is not valid JSON: {err}") from err
+    for name, classes in COMPONENTS.items():
+        entry = index.get(name)
+        if not entry or entry[-1] is None:
+            raise WeightLoadError(f"{str(path)!r} names no {name} component")
+        if entry[-1] not in classes:
+            raise WeightLoadError(f"{str(path)!r}: {name} is a {entry[-1]}; only {', '.join(classes)} can be loaded")
+    return index
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """transformers' CLIPTokenizer from `folder`/tokenizer (vocab.json + merges.txt, or tokenizer.json)."""
+    from transformers import CLIPTokenizer  # transformers is slow to import; only pipelines need it
+
+    path = Path(folder) / "tokenizer"
+    if not path.is_dir():
+        raise WeightLoadError(f"subfolder 'tokenizer' is missing from {str(folder)!r}")
+    try:
+        return CLIPTokenizer.from_pretrained(path)
+    except Exception as err:  # transformers raises OSError, ValueError, TypeError... for a broken folder
+        raise WeightLoadError(f"{str(path)!r} is not a readable CLIP tokenizer: {err}") from err
+
+
+def unet_velocity(unet: UNet2DConditionModel, params: Any, x: jax.Array, t: jax.Array,
+                  context: jax.Array) -> jax.Array:
+    """The velocity of an SD-initialised flow: the UNet at SD timestep (1 - t) * 1000."""
+    return unet.apply({"params": params}, x, (1.0 - t) * 1000.0, context)
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+    return jnp.round(jnp.clip((images + 1.0) * 127.5, 0.0, 255.0)).astype(jnp.uint8)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _noise(seeds: jax.Array, indices: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    draw = lambda seed, index: jax.random.normal(jax.random.fold_in(jax.random.key(seed), index), shape, jnp.float32)
+    return jax.vmap(draw)(seeds, indices)
+
+
+def initial_noise(seeds: Sequence[int], indices: Sequence[int], latent_shape: tuple[int, ...]) -> np.ndarray:
+    """x0 of each (seed, index): normal(fold_in(key(seed), index)), float32 (N, *latent_shape)."""
+    if min(seeds, default=0) < 0 or max(seeds, default=0) >= 2 ** 32:
+        raise ValueError(f"seeds must lie in [0, 2**32), got {list(seeds)}")
+    return np.asarray(_noise(np.asarray(seeds, np.uint32), np.asarray(indices, np.uint32), tuple(latent_shape)))
+
+
+def slerp(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
+    """Spherical interpolation of two noise tensors; alpha 0 and 1 give a and b exactly.
+
+    Gaussian noise lives near a sphere: a straight blend would shrink its norm (and wash
+    out the image) midway, the arc keeps it.
+    """
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    cos = np.sum(a64 * b64) / (np.linalg.norm(a64) * np.linalg.norm(b64))
+    theta = np.arccos(np.clip(cos, -1.0, 1.0))
+    if np.sin(theta) < 1e-6:  # (anti)parallel: the arc is degenerate
+        return ((1 - alpha) * a64 + alpha * b64).astype(np.float32)
+    return ((np.sin((1 - alpha) * theta) * a64 + np.sin(alpha * theta) * b64) / np.sin(theta)).astype(np.float32)
+
+
+class TextToImage:
+    """A loaded pipeline folder: the three Flax models, their params, the tokenizer, compiled samplers."""
+
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer,
+                 params: dict[str, Any], *, pipeline_class: str = VELOCITY_PIPELINES[0], source: str = ""):
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.params = jax.device_put(params)  # once, not on every call
+        self.pipeline_class, self.source = pipeline_class, source
+        self._compiled: dict[tuple, Callable] = {}
+        self.traces = 0  # how often the sampler was traced: one per compilation
+        self._check_compatible()
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, *, dtype: str = "float32",
+                        allow_pickle: bool = False) -> "TextToImage":
+        """Loads unet/, vae/, text_encoder/ and tokenizer/; params stay float32, `dtype` is the compute dtype."""
+        index = read_model_index(folder)
+        kind = compute_dtype(dtype)
+        models, params = {}, {}
+        for name, loader in LOADERS.items():
+            try:
+                models[name], params[name] = loader.from_pretrained(folder, name, dtype=kind, allow_pickle=allow_pickle)
+            except NotImplementedError as err:
+                raise WeightLoadError(f"{str(resolve_folder(folder, name))!r}: {err}") from err
+        pipeline_class = index.get("_class_name", "")
+        if pipeline_class not in VELOCITY_PIPELINES:
+            log.warning("%s is a %s, not a rectified-flow pipeline: its UNet predicts noise, so sampling it as a "
+                        "velocity field will not give sensible images", folder, pipeline_class or "pipeline")
+        return cls(models["unet"], models["vae"], models["text_encoder"], load_tokenizer(folder), params,
+                   pipeline_class=pipeline_class, source=str(folder))
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Writes a pipeline folder (float32 safetensors) that diffusers/transformers and we load back."""
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, model in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder)):
+            model.save_pretrained(self.params[name], out / name)
+        self.tokenizer.save_pretrained(out / "tokenizer")
+        index = {"_class_name": self.pipeline_class or VELOCITY_PIPELINES[0],
+                 **{name: [("diffusers" if name in ("unet", "vae") else "transformers"), classes[0]]
+                    for name, classes in COMPONENTS.items()}}
+        (out / "model_index.json").write_text(json.dumps(index, indent=2))
+        return out
+
+    def _check_compatible(self) -> None:
+        width, context = self.text_encoder.hidden_size, self.unet.cross_attention_dim
+        if (context if isinstance(context, int) else context[0]) != width:
+            raise WeightLoadError(f"the UNet attends to {context}-wide text but the text encoder gives {width}")
+        if self.unet.in_channels != self.vae.latent_channels:
+            raise WeightLoadError(f"the UNet takes {self.unet.in_channels} latent channels, the VAE has "
+                                  f"{self.vae.latent_channels}")
+        shift = json.loads(self.vae.config_json).get("shift_factor")
+        if shift:
+            raise WeightLoadError(f"VAE config shift_factor={shift} is not supported (SD 1.x / 2.x have none)")
+
+    # ------------------------------------------------------------------ sizes and inputs
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.block_out_channels) - 1)
+
+    def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """(height, width) in pixels: the UNet's sample_size times the VAE factor unless given."""
+        size = self.unet.sample_size
+        default = (None, None) if size is None else (size, size) if isinstance(size, int) else tuple(size)
+        f = self.vae_scale_factor
+        height = height or (default[0] and default[0] * f)
+        width = width or (default[1] and default[1] * f)
+        if not height or not width:
+            raise ValueError("the UNet config has no sample_size: give the height and width")
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of {f} (the VAE factor), got {height}x{width}")
+        return height, width
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        height, width = self.image_size(height, width)
+        f = self.vae_scale_factor
+        return height // f, width // f, self.unet.in_channels
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        """(N, 77) int32 ids, padded to the maximum length and truncated like diffusers."""
+        length = min(self.tokenizer.model_max_length, self.text_encoder.max_position_embeddings)
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
+                             return_tensors="np").input_ids
+        return ids.astype(np.int32)
+
+    # ------------------------------------------------------------------ sampling
+
+    def generate(self, prompts: Sequence[str], x0: np.ndarray, *, num_steps: int, guidance_scale: float = 1.0,
+                 negative_prompt: str = "") -> tuple[np.ndarray, np.ndarray]:
+        """One batch: prompts[i] from noise x0[i] -> (final latents float32, images uint8 NHWC)."""
+        x0 = np.asarray(x0, np.float32)
+        if len(prompts) != len(x0):
+            raise ValueError(f"{len(prompts)} prompts for {len(x0)} noise tensors")
+        guided = guidance_scale != 1.0
+        inputs = (self.params, x0, self.tokenize(prompts), self.tokenize([negative_prompt]), np.float32(guidance_scale))
+        key = (x0.shape, num_steps, guided)
+        if key not in self._compiled:
+            sample = functools.partial(self._sample, num_steps=num_steps, guided=guided)
+            self._compiled[key] = jax.jit(sample).lower(*inputs).compile()
+        latents, images = self._compiled[key](*inputs)
+        return np.asarray(latents), np.asarray(images)
+
+    def _sample(self, params, x0, ids, negative_ids, guidance_scale, *, num_steps: int, guided: bool):
+        self.traces += 1  # Python side effect: runs once per trace
+        encode = lambda tokens: self.text_encoder.apply({"params": params["text_encoder"]}, tokens)
+        if guided:
+            text = encode(jnp.concatenate([ids, negative_ids]))  # one CLIP call for both
+            context = jnp.concatenate([text[:-1], jnp.broadcast_to(text[-1:], text[:-1].shape)])
+            velocity = sampling.classifier_free_guidance_batched(
+                lambda x, t: unet_velocity(self.unet, params["unet"], x, t, context), guidance_scale)
+        else:
+            context = encode(ids)
+            velocity = lambda x, t: unet_velocity(self.unet, params["unet"], x, t, context)
+        x1 = sampling.integrate(velocity, x0, num_steps).x1
+        images = self.vae.apply({"params": params["vae"]}, x1 / self.vae.scaling_factor, method=self.vae.decode)
+        return x1, to_uint8(images)
+
+
+# ---------------------------------------------------------------------- runs to a folder
+
+
+def generate_to_folder(pipe: TextToImage, prompts: Sequence[str], out_dir: str | os.PathLike, *, seed: int = 0,
+                       num_steps: int = 1, guidance_scale: float = 1.0, negative_prompt: str = "",
+                       images_per_prompt: int = 1, batch_size: int = 1, height: int | None = None,
+                       width: int | None = None, save_latents: bool = True, progress: bool = True) -> list[dict]:
+    """Images of every prompt (see the module docstring for seeds and files); returns the records."""
+    latent_shape = pipe.latent_shape(height, width)
+    records = [{"prompt_index": k, "prompt": prompt, "seed": seed + k, "image_index": i}
+               for k, prompt in enumerate(prompts) for i in range(images_per_prompt)]
+    noise = lambda batch: initial_noise([r["seed"] for r in batch], [r["image_index"] for r in batch], latent_shape)
+    settings = {"seed": seed, "images_per_prompt": images_per_prompt}
+    return _render(pipe, records, noise, Path(out_dir), settings, num_steps=num_steps, guidance_scale=guidance_scale,
+                   negative_prompt=negative_prompt, batch_size=batch_size, latent_shape=latent_shape,
+                   save_latents=save_latents, progress=progress)
+
+
+def interpolate_to_folder(pipe: TextToImage, prompts: Sequence[str], out_dir: str | os.PathLike, *,
+                          seeds: tuple[int, int], num_frames: int = 8, num_steps: int = 1,
+                          guidance_scale: float = 1.0, negative_prompt: str = "", batch_size: int = 1,
+                          height: int | None = None, width: int | None = None, save_latents: bool = True,
+                          progress: bool = True) -> list[dict]:
+    """Frames along the slerp from seed A's to seed B's noise (image 0 of each), for every prompt.
+
+    Both seeds serve every prompt (no `+ k` offset), so frame 0 and the last frame are
+    the images of one-prompt runs with seed A and seed B. Writes interpolation_KKKKK.png strips.
+    """
+    if num_frames < 2:
+        raise ValueError(f"an interpolation needs at least 2 frames, got {num_frames}")
+    latent_shape = pipe.latent_shape(height, width)
+    ends = initial_noise(list(seeds), [0, 0], latent_shape)
+    alphas = np.linspace(0.0, 1.0, num_frames)
+    records = [{"prompt_index": k, "prompt": prompt, "seed": seeds[0], "seed_b": seeds[1], "alpha": float(a)}
+               for k, prompt in enumerate(prompts) for a in alphas]
+    noise = lambda batch: np.stack([slerp(ends[0], ends[1], r["alpha"]) for r in batch])
+    out = Path(out_dir)
+    records = _render(pipe, records, noise, out, {"interpolate_seeds": list(seeds), "num_frames": num_frames},
+                      num_steps=num_steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                      batch_size=batch_size, latent_shape=latent_shape, save_latents=save_latents, progress=progress)
+    for k in range(len(prompts)):
+        frames = [np.asarray(Image.open(out / r["file"])) for r in records if r["prompt_index"] == k]
+        Image.fromarray(np.concatenate(frames, axis=1)).save(out / f"interpolation_{k:05d}.png")
+    return records
+
+
+def _render(pipe: TextToImage, records: list[dict], noise: Callable[[list[dict]], np.ndarray], out: Path,
+            settings: dict, *, num_steps: int, guidance_scale: float, negative_prompt: str, batch_size: int,
+            latent_shape: tuple[int, int, int], save_latents: bool, progress: bool) -> list[dict]:
+    if not records:
+        raise ValueError("no prompts to sample")
+    out.mkdir(parents=True, exist_ok=True)
+    batch = max(1, min(batch_size, len(records)))
+    x0s, x1s = [], []
+    bar = tqdm(range(0, len(records), batch), desc=f"sample -> {out.name}", unit="batch", disable=not progress)
+    for start in bar:
+        chunk = records[start:start + batch]
+        padded = chunk + [chunk[-1]] * (batch - len(chunk))  # a fixed batch shape: one compilation per run
+        x0 = noise(padded)
+        x1, images = pipe.generate([r["prompt"] for r in padded], x0, num_steps=num_steps,
+                                   guidance_scale=guidance_scale, negative_prompt=negative_prompt)
+        for n, (record, image) in enumerate(zip(chunk, images), start):
+            record["file"] = f"{n:05d}.png"
+            Image.fromarray(image).save(out / record["file"])
+        x0s.append(x0[:len(chunk)])
+        x1s.append(x1[:len(chunk)])
+    if save_latents:
+        columns = {key: np.asarray([r[key] for r in records])
+                   for key in ("prompt_index", "seed", "seed_b", "image_index", "alpha") if key in records[0]}
+        np.savez(out / "latents.npz", x0=np.concatenate(x0s), x1=np.concatenate(x1s), **columns)
+    height, width = latent_shape[0] * pipe.vae_scale_factor, latent_shape[1] * pipe.vae_scale_factor
+    summary = {"pretrained": pipe.source, "pipeline_class": pipe.pipeline_class, "num_steps": num_steps,
+               "guidance_scale": guidance_scale, "negative_prompt": negative_prompt if guidance_scale != 1.0 else None,
+               "height": height, "width": width, "dtype": jnp.dtype(pipe.unet.dtype).name, "batch_size": batch,
+               **settings, "images": records}
+    (out / "prompts.json").write_text(json.dumps(summary, indent=2))
+    return records
