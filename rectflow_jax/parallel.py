@@ -35,8 +35,9 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
     """
     if coordinator is None and num_processes is None:
         return
-    if jax.default_backend() == "cpu" or jax.config.jax_platforms == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU processes need gloo for cross-process collectives; accelerators ignore it.
+    # (Asking for the backend here would initialise it before distributed start-up.)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes, process_id)
 
 

@@ -21,7 +21,7 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
-from rectflow_jax import checkpoint, flow, parallel
+from rectflow_jax import checkpoint, flow, models, parallel
 
 OBJECTIVES = ("flow", "distill")
 
@@ -108,20 +108,9 @@ class Stage:
     sample_fn: Callable | None = None   # params -> image (H, W, 3) uint8 for TensorBoard
 
 
-def _example_inputs(shape, num_classes):
-    x = jnp.zeros((1,) + tuple(shape), jnp.float32)
-    labels = jnp.zeros((1,), jnp.int32) if num_classes else None
-    return x, jnp.zeros((1,), jnp.float32), labels
-
-
-def init_variables(model: nn.Module, key: jax.Array, shape, num_classes):
-    x, t, labels = _example_inputs(shape, num_classes)
-    return model.init({"params": key, "dropout": key}, x, t, labels, train=False)
-
-
 def abstract_params(model: nn.Module, shape, num_classes, mesh=None, rules=None):
     """Shape/dtype (and sharding, given a mesh) of the params, without allocating them."""
-    boxed = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape, num_classes))["params"]
+    boxed = models.abstract_params_boxed(model, tuple(shape), num_classes)
     shapes = nn.unbox(boxed)
     if mesh is None:
         return shapes
@@ -168,7 +157,7 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
 
     def fresh_state(key, params):
         if params is None:
-            params = nn.unbox(init_variables(stage.model, key, stage.shape, stage.num_classes)["params"])
+            params = nn.unbox(stage.model.init(key, *models.example_inputs(stage.shape, stage.num_classes))["params"])
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                           opt_state=tx.init(params))
 

@@ -48,7 +48,8 @@ def build_velocity_model(model_config: Mapping[str, Any], data_shape: tuple[int,
     return cls(**{k: _field_value(v, k) for k, v in config.items()})
 
 
-def _dummy_inputs(data_shape: tuple[int, ...], num_classes: int) -> tuple:
+def example_inputs(data_shape: tuple[int, ...], num_classes: int) -> tuple:
+    """(x, t, labels) of batch 1: what init needs to trace a velocity model."""
     labels = jnp.zeros((1,), jnp.int32) if num_classes else None
     return jnp.zeros((1, *data_shape), jnp.float32), jnp.zeros((1,), jnp.float32), labels
 
@@ -56,7 +57,7 @@ def _dummy_inputs(data_shape: tuple[int, ...], num_classes: int) -> tuple:
 # Static model and shapes: jit reuses the compiled init across calls with equal modules.
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
 def _init(model: nn.Module, rng: jax.Array, data_shape: tuple[int, ...], num_classes: int) -> Any:
-    return nn.unbox(model.init(rng, *_dummy_inputs(data_shape, num_classes))["params"])
+    return nn.unbox(model.init(rng, *example_inputs(data_shape, num_classes))["params"])
 
 
 def init_params(model: nn.Module, rng: jax.Array, data_shape: tuple[int, ...], num_classes: int) -> Any:
@@ -64,10 +65,15 @@ def init_params(model: nn.Module, rng: jax.Array, data_shape: tuple[int, ...], n
     return _init(model, rng, tuple(data_shape), int(num_classes))
 
 
+def abstract_params_boxed(model: nn.Module, data_shape: tuple[int, ...], num_classes: int) -> Any:
+    """Shapes of the params, still boxed with their logical axis names; nothing allocated."""
+    return jax.eval_shape(model.init, jax.random.key(0), *example_inputs(data_shape, num_classes))["params"]
+
+
 def param_partition_specs(model: nn.Module, data_shape: tuple[int, ...], num_classes: int) -> Any:
     """PartitionSpecs of logical axis names, one per param, without allocating any."""
-    variables = jax.eval_shape(model.init, jax.random.key(0), *_dummy_inputs(data_shape, num_classes))
-    return nn.get_partition_spec(variables["params"])
+    return nn.get_partition_spec(abstract_params_boxed(model, data_shape, num_classes))
 
 
-__all__ = ["MLPVelocity", "UNet", "MODELS", "build_velocity_model", "init_params", "param_partition_specs"]
+__all__ = ["MLPVelocity", "UNet", "MODELS", "build_velocity_model", "example_inputs", "init_params",
+           "abstract_params_boxed", "param_partition_specs"]
