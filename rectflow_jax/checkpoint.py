@@ -125,6 +125,11 @@ def _check_shapes(params: Any, abstract: Any, stage_dir) -> None:
         raise CheckpointError(f"checkpoint {str(stage_dir)!r} does not fit this model: {'; '.join(bad[:5])}")
 
 
+def jsonable(value: Any) -> Any:
+    """`value` as it reads back from checkpoint metadata (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))

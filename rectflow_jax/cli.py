@@ -124,7 +124,7 @@ def sample_pretrained(config, pretrained: str, out: str, progress: bool) -> None
 
 
 def _main(argv) -> None:
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax narrates every save at INFO
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax narrates every save and read
     ours = logging.getLogger("rectflow")
     ours.setLevel(logging.INFO)
     ours.addHandler(logging.StreamHandler())

@@ -71,7 +71,7 @@ def train_stage(config, stage_dir: str | Path, kind: str, *, name: str | None = 
     if init_from_teacher and (checkpoint.latest_step(stage_dir) is None):
         teacher = teachers.load_velocity_teacher(teacher_dir, expected_shape=dataset.shape,
                                                  expected_num_classes=dataset.num_classes)
-        if teacher.meta["model"] != stage_config.model.to_dict():
+        if teacher.meta["model"] != checkpoint.jsonable(stage_config.model.to_dict()):
             raise teachers.IncompatibleTeacher(
                 f"teacher {str(teacher_dir)!r} has another model config than this stage; "
                 "the student starts from its parameters, so they must agree")
@@ -220,6 +220,10 @@ def write_report(config, workdir: str | Path) -> dict[str, Any]:
     dataset = datasets.get_dataset(config.data)
     metric = evaluate.primary_metric(dataset)
     results, pictures = {}, []
+    if len(dataset.shape) == 3:
+        real = dataset.reference(min(100, config.eval.num_samples), seed=1)["x1"]
+        plots.save_png(plots.image_grid(real, ncols=10, upscale=max(1, 48 // dataset.shape[0])), out / "data.png")
+        pictures.append(("real data", "data.png"))
     for label, name in REPORT_STAGES:
         evaluation = evaluate_stage(config, work / name)
         outputs = evaluation.pop("outputs")
@@ -228,7 +232,7 @@ def write_report(config, workdir: str | Path) -> dict[str, Any]:
             file = f"{name}_{steps}step.png"
             if len(dataset.shape) == 3:
                 grid = plots.image_grid(np.clip(outputs[steps][:100], -1, 1), ncols=10,
-                                        upscale=max(1, 32 // dataset.shape[0]))
+                                        upscale=max(1, 48 // dataset.shape[0]))
             else:
                 grid = plots.scatter_figure(outputs[steps], dataset.reference(2000)["x1"],
                                             title=f"{label}, {steps} Euler step{'s' * (steps > 1)}")

@@ -223,12 +223,22 @@ class TextToImage:
     def generate(self, prompts: Sequence[str], x0: np.ndarray, *, num_steps: int, guidance_scale: float = 1.0,
                  negative_prompt: str = "") -> tuple[np.ndarray, np.ndarray]:
         """One batch: prompts[i] from noise x0[i] -> (final latents float32, images uint8 NHWC)."""
+        return self.generate_ids(self.tokenize(prompts), x0, num_steps=num_steps, guidance_scale=guidance_scale,
+                                 negative_ids=self.tokenize([negative_prompt]))
+
+    def generate_ids(self, ids: np.ndarray, x0: np.ndarray, *, num_steps: int, guidance_scale: float = 1.0,
+                     negative_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`generate` from token ids (N, L) and, when guided, the negative prompt's ids (1, L)."""
         x0 = np.asarray(x0, np.float32)
-        if len(prompts) != len(x0):
-            raise ValueError(f"{len(prompts)} prompts for {len(x0)} noise tensors")
+        ids = np.asarray(ids, np.int32)
+        if len(ids) != len(x0):
+            raise ValueError(f"{len(ids)} prompts for {len(x0)} noise tensors")
         guided = guidance_scale != 1.0
-        inputs = (self.params, x0, self.tokenize(prompts), self.tokenize([negative_prompt]), np.float32(guidance_scale))
-        key = (x0.shape, num_steps, guided)
+        if guided and negative_ids is None:
+            raise ValueError("guidance_scale != 1 needs the negative prompt's ids")
+        negative_ids = np.asarray(ids[:1] if negative_ids is None else negative_ids, np.int32)  # unused unguided
+        inputs = (self.params, x0, ids, negative_ids, np.float32(guidance_scale))
+        key = (x0.shape, ids.shape, num_steps, guided)
         if key not in self._compiled:
             sample = functools.partial(self._sample, num_steps=num_steps, guided=guided)
             self._compiled[key] = jax.jit(sample).lower(*inputs).compile()

@@ -236,17 +236,11 @@ def _check_compatible(stage_dir: Path, stage: Stage, config) -> None:
     meta, step = checkpoint.read_meta(stage_dir)
     mine = {"shape": list(stage.shape), "num_classes": stage.num_classes, "model": config.model.to_dict(),
             "objective": stage.objective}
-    differ = [k for k, v in mine.items() if _jsonable(meta.get(k)) != _jsonable(v)]
+    differ = [k for k, v in mine.items() if meta.get(k) != checkpoint.jsonable(v)]
     if differ:
         raise checkpoint.CheckpointError(
             f"{stage_dir} holds a checkpoint (step {step}) of a different run ({', '.join(differ)} differ); "
             "use a new --workdir or remove the old one")
-
-
-def _jsonable(value):
-    import json
-
-    return json.loads(json.dumps(value))
 
 
 def _summary_writer(directory: Path):
