@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 default_kernel_init = nn.initializers.lecun_normal()
@@ -106,8 +107,92 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: in
     return out.reshape(b, lq, width).astype(out_dtype)
 
 
+def attention(x: jax.Array, context: jax.Array | None = None, *, heads: int = 1, inner: int | None = None,
+              qkv_bias: bool = False, upcast: bool = False, dtype: Dtype = jnp.float32,
+              param_dtype: Dtype = jnp.float32) -> jax.Array:
+    """diffusers' `Attention` projections around `multi_head_attention`.
+
+    to_q (from x), to_k and to_v (from `context`, else x) give `inner` features (default
+    x's width); to_out_0 maps back to x's width. Call inside a compact method: the Dense
+    layers become submodules of the calling module, under those names.
+    """
+    inner = inner or x.shape[-1]
+    context = x if context is None else context
+    kw = {"dtype": dtype, "param_dtype": param_dtype}
+    qkv = lambda name, a: dense(inner, axes=("embed", "heads"), use_bias=qkv_bias, name=name, **kw)(a)
+    out = multi_head_attention(qkv("to_q", x), qkv("to_k", context), qkv("to_v", context), heads, upcast=upcast)
+    return dense(x.shape[-1], axes=("heads", "embed"), name="to_out_0", **kw)(out)
+
+
 def upsample_nearest_2x(x: jax.Array) -> jax.Array:
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """torch F.interpolate(mode='nearest', size=size) on NHWC: source index floor(i * in / out)."""
+    for axis, out in zip((1, 2), size):
+        x = jnp.take(x, (np.arange(out) * x.shape[axis]) // out, axis=axis)
+    return x
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers `ResnetBlock2D` (SiLU, no dropout), shared by the SD UNet and the VAE.
+
+    GroupNorm-SiLU-conv twice, plus the input (through a 1x1 `conv_shortcut` when the
+    width changes), divided by `output_scale_factor`. With `temb` its projection
+    `time_emb_proj` is added after conv1; without (the VAE) that parameter does not exist.
+    """
+    out_channels: int
+    groups: int = 32
+    eps: float = 1e-6
+    output_scale_factor: float = 1.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        h = nn.silu(group_norm(self.groups, self.eps, name="norm1", **kw)(x))
+        h = conv(self.out_channels, name="conv1", **kw)(h)
+        if temb is not None:
+            h = h + dense(self.out_channels, name="time_emb_proj", **kw)(nn.silu(temb))[:, None, None, :]
+        h = nn.silu(group_norm(self.groups, self.eps, name="norm2", **kw)(h))
+        h = conv(self.out_channels, name="conv2", **kw)(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, name="conv_shortcut", **kw)(x)
+        return (x + h) / self.output_scale_factor
+
+
+class Downsample2D(nn.Module):
+    """diffusers `Downsample2D` with its conv: a width-keeping 3x3 conv of stride 2.
+
+    `padding` 0 means diffusers' pad of one row and column, bottom/right only.
+    """
+    padding: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        pad = self.padding or ((0, 1), (0, 1))
+        return conv(x.shape[-1], strides=2, padding=pad, name="conv", dtype=self.dtype,
+                    param_dtype=self.param_dtype)(x)
+
+
+class Upsample2D(nn.Module):
+    """diffusers `Upsample2D` with its conv: nearest upsampling, then a width-keeping 3x3 conv."""
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+        # `size` (H, W) defaults to 2x; the SD UNet passes the next skip's, not 2x when its
+        # input was not a multiple of 2**levels.
+        if size is None or tuple(size) == (2 * x.shape[1], 2 * x.shape[2]):
+            x = upsample_nearest_2x(x)
+        else:
+            x = resize_nearest(x, size)
+        return conv(x.shape[-1], name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
 def count_params(params: Any) -> int:
@@ -116,5 +201,6 @@ def count_params(params: Any) -> int:
 
 __all__: Sequence[str] = [
     "dense", "conv", "group_norm", "layer_norm", "embed", "sinusoidal_embedding",
-    "multi_head_attention", "upsample_nearest_2x", "count_params",
+    "multi_head_attention", "attention", "upsample_nearest_2x", "resize_nearest", "count_params",
+    "ResnetBlock2D", "Downsample2D", "Upsample2D",
 ]

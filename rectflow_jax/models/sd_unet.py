@@ -25,11 +25,10 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rectflow_jax import weights
 from rectflow_jax.models.layers import (
-    conv, dense, group_norm, layer_norm, multi_head_attention, sinusoidal_embedding, upsample_nearest_2x)
+    Downsample2D, ResnetBlock2D, Upsample2D, attention, conv, dense, group_norm, layer_norm, sinusoidal_embedding)
 
 Dtype = Any
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -86,23 +85,10 @@ class Shared:
     def kw(self) -> dict[str, Dtype]:
         return {"dtype": self.dtype, "param_dtype": self.param_dtype}
 
-
-class ResnetBlock2D(nn.Module):
-    out_channels: int
-    shared: Shared
-    output_scale_factor: float = 1.0
-
-    @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-        s, kw = self.shared, self.shared.kw
-        h = nn.silu(group_norm(s.groups, s.eps, name="norm1", **kw)(x))
-        h = conv(self.out_channels, name="conv1", **kw)(h)
-        h = h + dense(self.out_channels, name="time_emb_proj", **kw)(nn.silu(temb))[:, None, None, :]
-        h = nn.silu(group_norm(s.groups, s.eps, name="norm2", **kw)(h))
-        h = conv(self.out_channels, name="conv2", **kw)(h)
-        if x.shape[-1] != self.out_channels:
-            x = conv(self.out_channels, 1, name="conv_shortcut", **kw)(x)
-        return (x + h) / self.output_scale_factor
+    def resnet(self, out_channels: int, name: str, output_scale_factor: float = 1.0) -> nn.Module:
+        """A ResnetBlock2D with these norm settings (rematerialised under `remat`), named `name`."""
+        block = _maybe_remat(ResnetBlock2D, self.remat)
+        return block(out_channels, self.groups, self.eps, output_scale_factor, name=name, **self.kw)
 
 
 class Attention(nn.Module):
@@ -112,12 +98,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
-        kw, inner = self.shared.kw, self.heads * self.dim_head
-        context = x if context is None else context
-        qkv = lambda name, a: dense(inner, axes=("embed", "heads"), use_bias=False, name=name, **kw)(a)
-        out = multi_head_attention(qkv("to_q", x), qkv("to_k", context), qkv("to_v", context), self.heads,
-                                   upcast=self.shared.upcast_attention)
-        return dense(x.shape[-1], axes=("heads", "embed"), name="to_out_0", **kw)(out)
+        return attention(x, context, heads=self.heads, inner=self.heads * self.dim_head,
+                         upcast=self.shared.upcast_attention, **self.shared.kw)
 
 
 class GEGLU(nn.Module):
@@ -176,34 +158,6 @@ class Transformer2DModel(nn.Module):
         return x + proj(channels, "proj_out")(h.reshape(b, height, width, inner))
 
 
-class Downsample2D(nn.Module):
-    padding: int
-    shared: Shared
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        # diffusers pads (0, 1) on each side when the configured padding is 0.
-        pad = self.padding or ((0, 1), (0, 1))
-        return conv(x.shape[-1], strides=2, padding=pad, name="conv", **self.shared.kw)(x)
-
-
-def _resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """torch F.interpolate(mode='nearest', size=size) on NHWC: source index floor(i * in / out)."""
-    for axis, out in zip((1, 2), size):
-        x = jnp.take(x, (np.arange(out) * x.shape[axis]) // out, axis=axis)
-    return x
-
-
-class Upsample2D(nn.Module):
-    shared: Shared
-
-    @nn.compact
-    def __call__(self, x: jax.Array, size: tuple[int, int]) -> jax.Array:
-        # `size` is the next skip's (H, W): not 2x when the input was not a multiple of 2**levels.
-        x = upsample_nearest_2x(x) if size == (2 * x.shape[1], 2 * x.shape[2]) else _resize_nearest(x, size)
-        return conv(x.shape[-1], name="conv", **self.shared.kw)(x)
-
-
 class DownBlock(nn.Module):
     """CrossAttnDownBlock2D when `attention`, else DownBlock2D."""
     attention: bool
@@ -217,15 +171,14 @@ class DownBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, temb, context):
-        resnet = _maybe_remat(ResnetBlock2D, self.shared.remat)
         skips = []
         for i in range(self.num_layers):
-            x = resnet(self.out_channels, self.shared, name=f"resnets_{i}")(x, temb)
+            x = self.shared.resnet(self.out_channels, f"resnets_{i}")(x, temb)
             if self.attention:
                 x = Transformer2DModel(self.heads, self.depth, self.shared, name=f"attentions_{i}")(x, context)
             skips.append(x)
         if self.add_downsample:
-            x = Downsample2D(self.downsample_padding, self.shared, name="downsamplers_0")(x)
+            x = Downsample2D(self.downsample_padding, name="downsamplers_0", **self.shared.kw)(x)
             skips.append(x)
         return x, skips
 
@@ -241,13 +194,12 @@ class UpBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, skips, temb, context, upsample_size):
-        resnet = _maybe_remat(ResnetBlock2D, self.shared.remat)
         for i, skip in enumerate(reversed(skips)):
-            x = resnet(self.out_channels, self.shared, name=f"resnets_{i}")(jnp.concatenate([x, skip], -1), temb)
+            x = self.shared.resnet(self.out_channels, f"resnets_{i}")(jnp.concatenate([x, skip], -1), temb)
             if self.attention:
                 x = Transformer2DModel(self.heads, self.depth, self.shared, name=f"attentions_{i}")(x, context)
         if self.add_upsample:
-            x = Upsample2D(self.shared, name="upsamplers_0")(x, upsample_size)
+            x = Upsample2D(name="upsamplers_0", **self.shared.kw)(x, upsample_size)
         return x
 
 
@@ -259,8 +211,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
 
     @nn.compact
     def __call__(self, x, temb, context):
-        resnet = _maybe_remat(ResnetBlock2D, self.shared.remat)
-        res = lambda i: resnet(x.shape[-1], self.shared, self.output_scale_factor, name=f"resnets_{i}")
+        res = lambda i: self.shared.resnet(x.shape[-1], f"resnets_{i}", self.output_scale_factor)
         x = res(0)(x, temb)
         x = Transformer2DModel(self.heads, self.depth, self.shared, name="attentions_0")(x, context)
         return res(1)(x, temb)

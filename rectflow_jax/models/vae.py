@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rectflow_jax import weights
-from rectflow_jax.models.layers import Dtype, conv, dense, group_norm, multi_head_attention, upsample_nearest_2x
+from rectflow_jax.models.layers import Downsample2D, Dtype, ResnetBlock2D, Upsample2D, attention, conv, group_norm
 
 EPS = 1e-6  # every VAE GroupNorm (the SD UNet uses 1e-5)
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -47,22 +47,6 @@ class DiagonalGaussian:
         return self.mean + self.std * jax.random.normal(key, self.mean.shape, self.mean.dtype)
 
 
-class ResnetBlock(nn.Module):
-    out_channels: int
-    groups: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = conv(self.out_channels, name="conv1", **kw)(nn.silu(group_norm(self.groups, EPS, name="norm1", **kw)(x)))
-        h = conv(self.out_channels, name="conv2", **kw)(nn.silu(group_norm(self.groups, EPS, name="norm2", **kw)(h)))
-        if x.shape[-1] != self.out_channels:
-            x = conv(self.out_channels, 1, name="conv_shortcut", **kw)(x)
-        return x + h
-
-
 class AttentionBlock(nn.Module):
     """Single-head self-attention over all pixels, with a residual connection."""
 
@@ -75,32 +59,8 @@ class AttentionBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, h, w, c = x.shape
         y = group_norm(self.groups, EPS, name="group_norm", **kw)(x).reshape(b, h * w, c)
-        q, k, v = (dense(c, axes=("embed", "heads"), name=n, **kw)(y) for n in ("to_q", "to_k", "to_v"))
-        y = multi_head_attention(q, k, v, 1)
-        y = dense(c, axes=("heads", "embed"), name="to_out_0", **kw)(y)
+        y = attention(y, heads=1, qkv_bias=True, **kw)
         return x + y.reshape(b, h, w, c)
-
-
-class Downsample(nn.Module):
-    channels: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        # diffusers pads only bottom/right before its unpadded stride-2 conv.
-        return conv(self.channels, strides=2, padding=((0, 1), (0, 1)), name="conv",
-                    dtype=self.dtype, param_dtype=self.param_dtype)(x)
-
-
-class Upsample(nn.Module):
-    channels: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        return conv(self.channels, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(upsample_nearest_2x(x))
 
 
 class MidBlock(nn.Module):
@@ -112,10 +72,10 @@ class MidBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = ResnetBlock(x.shape[-1], self.groups, name="resnets_0", **kw)(x)
+        x = ResnetBlock2D(x.shape[-1], self.groups, EPS, name="resnets_0", **kw)(x)
         if self.add_attention:
             x = AttentionBlock(self.groups, name="attentions_0", **kw)(x)
-        return ResnetBlock(x.shape[-1], self.groups, name="resnets_1", **kw)(x)
+        return ResnetBlock2D(x.shape[-1], self.groups, EPS, name="resnets_1", **kw)(x)
 
 
 class DownEncoderBlock(nn.Module):
@@ -130,9 +90,9 @@ class DownEncoderBlock(nn.Module):
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for i in range(self.num_layers):
-            x = ResnetBlock(self.out_channels, self.groups, name=f"resnets_{i}", **kw)(x)
+            x = ResnetBlock2D(self.out_channels, self.groups, EPS, name=f"resnets_{i}", **kw)(x)
         if self.add_downsample:
-            x = Downsample(self.out_channels, name="downsamplers_0", **kw)(x)
+            x = Downsample2D(0, name="downsamplers_0", **kw)(x)  # diffusers: padding 0, pad bottom/right
         return x
 
 
@@ -148,9 +108,9 @@ class UpDecoderBlock(nn.Module):
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for i in range(self.num_layers):
-            x = ResnetBlock(self.out_channels, self.groups, name=f"resnets_{i}", **kw)(x)
+            x = ResnetBlock2D(self.out_channels, self.groups, EPS, name=f"resnets_{i}", **kw)(x)
         if self.add_upsample:
-            x = Upsample(self.out_channels, name="upsamplers_0", **kw)(x)
+            x = Upsample2D(name="upsamplers_0", **kw)(x)
         return x
 
 
