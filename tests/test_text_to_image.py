@@ -103,7 +103,7 @@ def torch_sample(models, prompts, x0, num_steps, guidance_scale=1.0, negative_pr
                                                         return_tensors="pt").input_ids).last_hidden_state
     with torch.no_grad():
         text, negative = encode(list(prompts)), encode([negative_prompt] * len(prompts))
-        x = torch.from_numpy(np.asarray(x0)).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.array(x0, np.float32)).permute(0, 3, 1, 2)
         for i in range(num_steps):
             timestep = torch.full((len(x),), (1.0 - i / num_steps) * 1000.0)
             v = models.unet(x, timestep, text).sample
@@ -327,7 +327,7 @@ def test_interpolation_endpoints_are_the_seeds_images(pipe, tmp_path):
         np.testing.assert_array_equal(frames["x0"][frame], single["x0"][0])
         np.testing.assert_allclose(frames["x1"][frame], single["x1"][0], rtol=0, atol=1e-5)
     norms = np.linalg.norm(frames["x0"].reshape(4, -1), axis=1)
-    assert norms.min() > 0.9 * norms.max()  # slerp keeps the noise on its sphere; a lerp would shrink it
+    assert norms[1:3].min() > 0.95 * norms[[0, 3]].min()  # slerp keeps the norm; a lerp shrinks it ~30% midway
     strip = np.asarray(Image.open(tmp_path / "lerp" / "interpolation_00000.png"))
     assert strip.shape == (16, 4 * 16, 3)
     np.testing.assert_array_equal(strip[:, :16], np.asarray(Image.open(tmp_path / "lerp" / records[0]["file"])))
