@@ -83,7 +83,7 @@ def run(command: str) -> None:
         print(f"wrote {Path(out) / 'samples.npz'}")
     elif command == "eval":
         result = pipeline.evaluate_stage(config, _need(_CHECKPOINT, command))
-        result.pop("outputs")
+        result.pop("outputs"), result.pop("trajectory")
         text = json.dumps(result, indent=2)
         if _OUT.value:
             Path(_OUT.value).mkdir(parents=True, exist_ok=True)

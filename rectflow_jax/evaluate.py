@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -104,11 +103,12 @@ def evaluate_velocity(apply_velocity: Callable, params: Any, dataset, x0: np.nda
                       batch_size: int = 1000) -> dict[str, Any]:
     """Metrics of one stage at each Euler step count, all from the same x0.
 
-    Straightness is measured along the finest trajectory. `gap_to_finest` is
-    E||x1(N steps) - x1(finest)||^2: how much the flow loses with few steps.
+    Straightness is measured along the finest trajectory, whose first paths are
+    returned for plotting. `gap_to_finest` is E||x1(N steps) - x1(finest)||^2: how much
+    the flow loses with few steps.
     """
     finest = max(steps)
-    outputs, straightness = {}, None
+    outputs, straightness, paths = {}, None, None
     for num_steps in sorted(steps):
         sampler = sampling.make_sampler(apply_velocity, num_steps, method=method,
                                         return_trajectory=num_steps == finest)
@@ -118,6 +118,8 @@ def evaluate_velocity(apply_velocity: Callable, params: Any, dataset, x0: np.nda
             sol = sampler(params, jnp.asarray(x0[sl]), None if labels is None else jnp.asarray(labels[sl]))
             chunks.append(np.asarray(sol.x1))
             if sol.trajectory is not None:
+                if paths is None:  # the first chunk's paths are enough to draw
+                    paths = np.asarray(sol.trajectory[:, :500])
                 straight.append(float(flow.straightness(sol.trajectory, sol.times, sol.velocities)) * len(chunks[-1]))
         outputs[num_steps] = np.concatenate(chunks)
         if straight:
@@ -128,4 +130,4 @@ def evaluate_velocity(apply_velocity: Callable, params: Any, dataset, x0: np.nda
         row["transport_cost"] = float(flow.transport_cost(jnp.asarray(x0), jnp.asarray(x1)))
         row["gap_to_finest"] = float(np.mean(np.sum((x1 - outputs[finest]).reshape(len(x1), -1) ** 2, 1)))
         results[str(num_steps)] = row
-    return {"straightness": straightness, "steps": results, "outputs": outputs}
+    return {"straightness": straightness, "steps": results, "outputs": outputs, "trajectory": paths}

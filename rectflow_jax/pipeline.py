@@ -6,7 +6,6 @@ nothing else, so any of them can run alone from the CLI, on any mesh.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from rectflow_jax import checkpoint, configlib, evaluate, flow, models, parallel, plots, sampling, teachers, train
+from rectflow_jax import checkpoint, configlib, evaluate, flow, models, plots, sampling, teachers, train
 from rectflow_jax.data import datasets, pairs as pair_io
 
 log = logging.getLogger("rectflow")
@@ -226,7 +225,7 @@ def write_report(config, workdir: str | Path) -> dict[str, Any]:
         pictures.append(("real data", "data.png"))
     for label, name in REPORT_STAGES:
         evaluation = evaluate_stage(config, work / name)
-        outputs = evaluation.pop("outputs")
+        outputs, paths = evaluation.pop("outputs"), evaluation.pop("trajectory")
         results[name] = evaluation
         for steps in (min(outputs), max(outputs)):
             file = f"{name}_{steps}step.png"
@@ -240,13 +239,8 @@ def write_report(config, workdir: str | Path) -> dict[str, Any]:
             pictures.append((f"{label}, {steps} step{'s' * (steps > 1)}", file))
         if len(dataset.shape) == 1:
             file = f"{name}_trajectories.png"
-            finest = max(config.eval.steps)
-            x0, labels = draw_source(dataset, _stream(config.seed, EVAL_STREAM), 500)
-            teacher = teachers.load_velocity_teacher(work / name)
-            sol = sampling.make_sampler(teacher.apply_velocity, finest, return_trajectory=True)(
-                teacher.params, jnp.asarray(x0), labels)
-            plots.save_png(plots.trajectory_figure(np.asarray(sol.trajectory), dataset.reference(2000)["x1"],
-                                                   title=f"{label} trajectories ({finest} steps)"), out / file)
+            plots.save_png(plots.trajectory_figure(paths, dataset.reference(2000)["x1"],
+                                                   title=f"{label} trajectories ({max(outputs)} steps)"), out / file)
             pictures.append((f"{label} trajectories", file))
     # The independent coupling's cost, the baseline rectification must not exceed.
     x0, _ = draw_source(dataset, _stream(config.seed, EVAL_STREAM), config.eval.num_samples)

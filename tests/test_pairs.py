@@ -1,6 +1,5 @@
 """Pair shards: atomic, deterministic per shard, resumable, validated, read back shuffled."""
 
-import json
 import os
 
 import numpy as np
