@@ -78,11 +78,13 @@ class MidBlock(nn.Module):
         return ResnetBlock2D(x.shape[-1], self.groups, EPS, name="resnets_1", **kw)(x)
 
 
-class DownEncoderBlock(nn.Module):
+class ResnetStack(nn.Module):
+    """DownEncoderBlock2D / UpDecoderBlock2D: resnets, then an optional 'down' or 'up' resample."""
+
     out_channels: int
     num_layers: int
     groups: int
-    add_downsample: bool
+    resample: str | None  # None | 'down' | 'up'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -91,25 +93,9 @@ class DownEncoderBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for i in range(self.num_layers):
             x = ResnetBlock2D(self.out_channels, self.groups, EPS, name=f"resnets_{i}", **kw)(x)
-        if self.add_downsample:
+        if self.resample == "down":
             x = Downsample2D(0, name="downsamplers_0", **kw)(x)  # diffusers: padding 0, pad bottom/right
-        return x
-
-
-class UpDecoderBlock(nn.Module):
-    out_channels: int
-    num_layers: int
-    groups: int
-    add_upsample: bool
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        for i in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, self.groups, EPS, name=f"resnets_{i}", **kw)(x)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample2D(name="upsamplers_0", **kw)(x)
         return x
 
@@ -129,8 +115,8 @@ class Encoder(nn.Module):
         x = conv(self.block_out_channels[0], name="conv_in", **kw)(x)
         last = len(self.block_out_channels) - 1
         for i, channels in enumerate(self.block_out_channels):
-            x = DownEncoderBlock(channels, self.layers_per_block, self.groups, i < last,
-                                 name=f"down_blocks_{i}", **kw)(x)
+            x = ResnetStack(channels, self.layers_per_block, self.groups, "down" if i < last else None,
+                            name=f"down_blocks_{i}", **kw)(x)
         x = MidBlock(self.groups, self.mid_block_add_attention, name="mid_block", **kw)(x)
         x = nn.silu(group_norm(self.groups, EPS, name="conv_norm_out", **kw)(x))
         return conv(self.out_channels, name="conv_out", **kw)(x)
@@ -153,8 +139,8 @@ class Decoder(nn.Module):
         last = len(self.block_out_channels) - 1
         for i, channels in enumerate(reversed(self.block_out_channels)):
             # One resnet more than the encoder per level, as in diffusers.
-            x = UpDecoderBlock(channels, self.layers_per_block + 1, self.groups, i < last,
-                               name=f"up_blocks_{i}", **kw)(x)
+            x = ResnetStack(channels, self.layers_per_block + 1, self.groups, "up" if i < last else None,
+                            name=f"up_blocks_{i}", **kw)(x)
         x = nn.silu(group_norm(self.groups, EPS, name="conv_norm_out", **kw)(x))
         return conv(self.out_channels, name="conv_out", **kw)(x)
 
