@@ -136,6 +136,9 @@ def benchmark(pipe, models, batch: int, device, dtype: str, repeats: int, parts:
             ours = jax.jit(lambda p, *a: pipe.unet.apply({"params": p}, *a))
             jax_unet = lambda: ours(pipe.params["unet"], x, t, context).block_until_ready()
             torch_unet = torch_call(lambda: unet_t(x_t, t_t, context_t).sample)
+            if jax.default_backend() == "gpu":
+                hlo = ours.lower(pipe.params["unet"], x, t, context).compile().as_text()
+                print(f"UNet graph: {hlo.count('__cudnn$fmha')} fused cuDNN attention calls")
             rows.append(dict(part="UNet forward", **timings(jax_unet, torch_unet),
                              rel_err=rel_err(jax_unet(), torch_unet().float().permute(0, 2, 3, 1).cpu().numpy())))
         if "vae" in parts:
