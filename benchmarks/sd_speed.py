@@ -63,7 +63,7 @@ def build_torch(size: str):
 
 
 def load_ours(unet, vae, clip, dtype: str):
-    """Our TextToImage on the torch models' weights, through a diffusers folder on disk."""
+    """Our TextToImage on the torch models' weights, through a diffusers folder on disk (params in `dtype`, as the CLI loads them)."""
     from rectflow_jax.models.clip_text import CLIPTextModel
     from rectflow_jax.models.sd_unet import UNet2DConditionModel
     from rectflow_jax.models.vae import AutoencoderKL
@@ -74,7 +74,7 @@ def load_ours(unet, vae, clip, dtype: str):
         unet.save_pretrained(Path(folder) / "unet", safe_serialization=True)
         vae.save_pretrained(Path(folder) / "vae", safe_serialization=True)
         clip.save_pretrained(Path(folder) / "text_encoder", safe_serialization=True)
-        modules, params = zip(*(loader.from_pretrained(folder, name, dtype=kind) for loader, name in (
+        modules, params = zip(*(loader.from_pretrained(folder, name, dtype=kind, param_dtype=kind) for loader, name in (
             (UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (CLIPTextModel, "text_encoder"))))
         # Copy out of the memory-mapped files before the folder goes.
         params = jax.tree.map(np.array, dict(zip(("unet", "vae", "text_encoder"), params)))

@@ -209,6 +209,7 @@ def test_export_loads_in_diffusers_and_transformers(ref, pipe, tmp_path):
 
 def test_bf16_compute_close(ref, pipe):
     half = TextToImage.from_pretrained(ref.folder, dtype="bfloat16")
+    assert {leaf.dtype for leaf in jax.tree.leaves(half.params)} == {jnp.dtype(jnp.bfloat16)}  # stored as computed
     x0 = noise(pipe, [2])
     latents, _ = half.generate(PROMPTS[:1], x0, num_steps=1)
     full, _ = pipe.generate(PROMPTS[:1], x0, num_steps=1)
