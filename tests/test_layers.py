@@ -38,6 +38,7 @@ def test_tiled_attention_matches_reference(lq, lk, query_block, key_block):
                                rtol=0, atol=1e-5)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the tiled path is the CPU's")
 def test_multi_head_attention_tiles_long_sequences_on_cpu():
     # More keys than one tile: the tiled path, which must agree with the reference.
     q, k, v = qkv(600, layers.CPU_KEY_BLOCK + 88, 16)
