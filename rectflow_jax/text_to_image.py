@@ -217,8 +217,12 @@ class TextToImage:
         return height // f, width // f, self.unet.in_channels
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        """(N, 77) int32 ids, padded to the maximum length and truncated like diffusers."""
+        """(N, 77) int32 ids, padded to the maximum length and truncated like diffusers (with a warning)."""
         length = min(self.tokenizer.model_max_length, self.text_encoder.max_position_embeddings)
+        for k, full in enumerate(self.tokenizer(list(prompts), truncation=False).input_ids):
+            if len(full) > length:
+                log.warning("prompt %d is %d tokens long; the text encoder reads only the first %d, as in "
+                            "diffusers, and the rest is dropped", k, len(full), length)
         ids = self.tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
                              return_tensors="np").input_ids
         return ids.astype(np.int32)

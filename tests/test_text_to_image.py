@@ -346,3 +346,12 @@ def test_batched_guidance_equals_two_calls():
     x, t = jnp.arange(6.0).reshape(2, 3), jnp.array([0.25, 0.5])
     np.testing.assert_allclose(sampling.classifier_free_guidance_batched(both, 1.5)(x, t),
                                sampling.classifier_free_guidance(cond, uncond, 1.5)(x, t))
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
+    long_prompt = " ".join(["a photo of a cat"] * 30)  # ~120 tokens
+    with caplog.at_level("WARNING", logger="rectflow"):
+        ids = pipe.tokenize(["a cat", long_prompt])
+    assert ids.shape == (2, 77)
+    warnings = [r.getMessage() for r in caplog.records if "tokens long" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("prompt 1 is ")
