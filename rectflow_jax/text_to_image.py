@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from rectflow_jax import sampling
+from rectflow_jax import parallel, sampling
 from rectflow_jax.models.clip_text import CLIPTextModel
 from rectflow_jax.models.sd_unet import UNet2DConditionModel
 from rectflow_jax.models.vae import AutoencoderKL
@@ -136,17 +136,21 @@ class TextToImage:
     """A loaded pipeline folder: the three Flax models, their params, the tokenizer, compiled samplers."""
 
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer,
-                 params: dict[str, Any], *, pipeline_class: str = VELOCITY_PIPELINES[0], source: str = ""):
+                 params: dict[str, Any], *, pipeline_class: str = VELOCITY_PIPELINES[0], source: str = "",
+                 mesh: jax.sharding.Mesh | None = None):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.params = jax.device_put(params)  # once, not on every call
+        # Data parallel over this host's devices: params on every device (put once, not per
+        # call), and each batch that divides evenly split across them.
+        self.mesh = mesh or parallel.make_mesh(devices=jax.local_devices())
+        self.params = jax.device_put(params, parallel.replicated(self.mesh))
         self.pipeline_class, self.source = pipeline_class, source
         self._compiled: dict[tuple, Callable] = {}
         self.traces = 0  # how often the sampler was traced: one per compilation
         self._check_compatible()
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, *, dtype: str = "float32",
-                        allow_pickle: bool = False) -> "TextToImage":
+    def from_pretrained(cls, folder: str | os.PathLike, *, dtype: str = "float32", allow_pickle: bool = False,
+                        mesh: jax.sharding.Mesh | None = None) -> "TextToImage":
         """Loads unet/, vae/, text_encoder/ and tokenizer/, computing in `dtype` and storing the params in it.
 
         bfloat16 params, as diffusers' `torch_dtype=torch.bfloat16`, halve the memory and
@@ -166,7 +170,7 @@ class TextToImage:
             log.warning("%s is a %s, not a rectified-flow pipeline: its UNet predicts noise, so sampling it as a "
                         "velocity field will not give sensible images", folder, pipeline_class or "pipeline")
         return cls(models["unet"], models["vae"], models["text_encoder"], load_tokenizer(folder), params,
-                   pipeline_class=pipeline_class, source=str(folder))
+                   pipeline_class=pipeline_class, source=str(folder), mesh=mesh)
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Writes a pipeline folder (float32 safetensors) that diffusers/transformers and we load back."""
@@ -246,13 +250,22 @@ class TextToImage:
         if guided and negative_ids is None:
             raise ValueError("guidance_scale != 1 needs the negative prompt's ids")
         negative_ids = np.asarray(ids[:1] if negative_ids is None else negative_ids, np.int32)  # unused unguided
-        inputs = (self.params, x0, ids, negative_ids, np.float32(guidance_scale))
+        if self.splits(len(x0)):
+            x0, ids = jax.device_put((x0, ids), parallel.batch_sharding(self.mesh))
+            negative_ids, params = jax.device_put(negative_ids, parallel.replicated(self.mesh)), self.params
+        else:  # one device, reading its copy of the params in place
+            params = jax.tree.map(lambda a: a.addressable_shards[0].data, self.params)
+        inputs = (params, x0, ids, negative_ids, np.float32(guidance_scale))
         key = (x0.shape, ids.shape, num_steps, guided)
         if key not in self._compiled:
             sample = functools.partial(self._sample, num_steps=num_steps, guided=guided)
             self._compiled[key] = jax.jit(sample).lower(*inputs).compile()
         latents, images = self._compiled[key](*inputs)
         return np.asarray(latents), np.asarray(images)
+
+    def splits(self, batch: int) -> bool:
+        """Whether a batch of this size runs split over the mesh (else on one device)."""
+        return self.mesh.size > 1 and batch % self.mesh.size == 0
 
     def _sample(self, params, x0, ids, negative_ids, guidance_scale, *, num_steps: int, guided: bool):
         self.traces += 1  # Python side effect: runs once per trace
@@ -323,6 +336,10 @@ def _render(pipe: TextToImage, records: list[dict], noise: Callable[[list[dict]]
         raise ValueError("no prompts to sample")
     out.mkdir(parents=True, exist_ok=True)
     batch = max(1, min(batch_size, len(records)))
+    if pipe.mesh.size > 1 and not pipe.splits(batch):
+        log.warning("a batch of %d images does not split over %d devices, so one device renders it: make "
+                    "--config.sample.batch_size a multiple of %d to use them all", batch, pipe.mesh.size,
+                    pipe.mesh.size)
     x0s, x1s = [], []
     bar = tqdm(range(0, len(records), batch), desc=f"sample -> {out.name}", unit="batch", disable=not progress)
     for start in bar:

@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from rectflow_jax import sampling, text_to_image, weights  # noqa: E402
+from rectflow_jax import parallel, sampling, text_to_image, weights  # noqa: E402
 from rectflow_jax.text_to_image import TextToImage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -355,3 +355,20 @@ def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
     assert ids.shape == (2, 77)
     warnings = [r.getMessage() for r in caplog.records if "tokens long" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("prompt 1 is ")
+
+
+def test_batches_split_over_the_devices(ref):
+    assert jax.local_device_count() == 8  # conftest's fake CPU devices
+    spread = TextToImage.from_pretrained(ref.folder)
+    single = TextToImage.from_pretrained(ref.folder, mesh=parallel.make_mesh({"data": 1}))
+    prompts, x0 = [PROMPTS[i % 3] for i in range(8)], noise(spread, list(range(8)))
+    latents, images = spread.generate(prompts, x0, num_steps=2, guidance_scale=2.0)
+    (compiled,) = spread._compiled.values()
+    x0_sharding = compiled.input_shardings[0][1]
+    assert x0_sharding.spec == parallel.batch_sharding(spread.mesh).spec and len(x0_sharding.device_set) == 8
+    one_latents, one_images = single.generate(prompts, x0, num_steps=2, guidance_scale=2.0)
+    np.testing.assert_allclose(latents, one_latents, rtol=0, atol=1e-5)
+    assert np.abs(images.astype(int) - one_images).max() <= 1
+    assert not spread.splits(3)  # an uneven batch runs on one device
+    np.testing.assert_allclose(spread.generate(prompts[:3], x0[:3], num_steps=2, guidance_scale=2.0)[0],
+                               one_latents[:3], rtol=0, atol=1e-5)
