@@ -143,6 +143,8 @@ class TextToImage:
         # call), and each batch that divides evenly split across them.
         self.mesh = mesh or parallel.make_mesh(devices=jax.local_devices())
         self.params = jax.device_put(params, parallel.replicated(self.mesh))
+        # The first device's copy, for batches that do not split (a view, not a copy).
+        self._one_device_params = jax.tree.map(lambda a: a.addressable_shards[0].data, self.params)
         self.pipeline_class, self.source = pipeline_class, source
         self._compiled: dict[tuple, Callable] = {}
         self.traces = 0  # how often the sampler was traced: one per compilation
@@ -253,8 +255,8 @@ class TextToImage:
         if self.splits(len(x0)):
             x0, ids = jax.device_put((x0, ids), parallel.batch_sharding(self.mesh))
             negative_ids, params = jax.device_put(negative_ids, parallel.replicated(self.mesh)), self.params
-        else:  # one device, reading its copy of the params in place
-            params = jax.tree.map(lambda a: a.addressable_shards[0].data, self.params)
+        else:
+            params = self._one_device_params
         inputs = (params, x0, ids, negative_ids, np.float32(guidance_scale))
         key = (x0.shape, ids.shape, num_steps, guided)
         if key not in self._compiled:
