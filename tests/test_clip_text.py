@@ -2,6 +2,7 @@
 
 import functools
 import json
+import os
 import shutil
 
 import jax
@@ -43,7 +44,10 @@ def prompt_ids(cfg, lengths=(5, 12, 75), seed=0):
 
 
 def rel_err(ours, ref):
-    return float(np.abs(np.asarray(ours, np.float32) - ref).max() / np.abs(ref).max())
+    err = float(np.abs(np.asarray(ours, np.float32) - ref).max() / np.abs(ref).max())
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[-1].split(" ")[0]
+    print(f"\n[clip_text] {test}: max rel |diff| {err:.2e}")  # the parity figures, with pytest -s
+    return err
 
 
 @functools.cache  # equal modules share one compilation across tests

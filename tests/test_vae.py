@@ -2,6 +2,7 @@
 
 import functools
 import json
+import os
 import shutil
 
 import jax
@@ -47,7 +48,10 @@ def to_nhwc(t):
 
 
 def rel_err(ours, ref):
-    return float(np.abs(np.asarray(ours, np.float32) - ref).max() / np.abs(ref).max())
+    err = float(np.abs(np.asarray(ours, np.float32) - ref).max() / np.abs(ref).max())
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[-1].split(" ")[0]
+    print(f"\n[vae] {test}: max rel |diff| {err:.2e}")  # the parity figures, with pytest -s
+    return err
 
 
 @functools.cache  # equal modules share one compilation across tests
