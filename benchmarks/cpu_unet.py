@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import time
 
 import jax
 import numpy as np
 import torch
+from sd_speed import build_torch, load_ours, race  # this folder
 
 from rectflow_jax.models import layers
 
@@ -41,19 +41,6 @@ def cpu_paths(tiled_attention: bool, patch_matmul: bool):
         yield
     finally:
         layers.CPU_KEY_BLOCK, layers.CPU_PATCH_MATMUL_MAX_PIXELS = saved
-
-
-def race(contenders: dict, repeats: int) -> dict[str, float]:
-    """Fastest of `repeats` calls (ms) per contender, after one warm-up call each, calls alternating."""
-    for fn in contenders.values():
-        fn()
-    times = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * min(t) for name, t in times.items()}
 
 
 def single_attention(repeats: int) -> None:
@@ -78,8 +65,6 @@ def single_attention(repeats: int) -> None:
 
 
 def whole_unet(repeats: int) -> None:
-    from sd_speed import build_torch, load_ours  # this folder
-
     unet_t, vae_t, clip_t = build_torch("sd15")
     pipe = load_ours(unet_t, vae_t, clip_t, "float32")
     del vae_t, clip_t

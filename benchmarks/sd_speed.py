@@ -81,20 +81,21 @@ def load_ours(unet, vae, clip, dtype: str):
     return TextToImage(*modules, None, params)
 
 
-def timed_pair(ours, theirs, repeats: int) -> tuple[float, float]:
-    """Milliseconds of each, the fastest of `repeats` calls after one warm-up call (compilation, caches).
+def race(contenders: dict, repeats: int) -> dict[str, float]:
+    """Milliseconds of each contender, the fastest of `repeats` calls after one warm-up call each.
 
-    The two alternate so that both see the same background load, and the fastest call is
-    kept because load only ever adds time.
+    Calls alternate so that every contender sees the same background load, and the
+    fastest call is kept because load only ever adds time.
     """
-    ours(), theirs()
-    times = ([], [])
+    for fn in contenders.values():
+        fn()
+    times = {name: [] for name in contenders}
     for _ in range(repeats):
-        for fn, log in zip((ours, theirs), times):
+        for name, fn in contenders.items():
             start = time.perf_counter()
             fn()
-            log.append(time.perf_counter() - start)
-    return 1e3 * min(times[0]), 1e3 * min(times[1])
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * min(t) for name, t in times.items()}
 
 
 def rel_err(ours, ref) -> float:
@@ -117,8 +118,7 @@ def benchmark(pipe, models, batch: int, device, dtype: str, repeats: int, parts:
     ids = rng.integers(0, pipe.text_encoder.vocab_size, (batch, 77)).astype(np.int32)
     t = np.full((batch,), 1000.0, np.float32)
     rows = []
-    timings = lambda ours, theirs: dict(zip(("ours", "torch"), timed_pair(ours, theirs, repeats)),
-                                        load=os.getloadavg()[0])
+    timings = lambda ours, theirs: dict(race({"ours": ours, "torch": theirs}, repeats), load=os.getloadavg()[0])
 
     with torch.inference_mode():
         x_t, context_t = nchw(x, device, tdtype), torch.from_numpy(context).to(device, tdtype)

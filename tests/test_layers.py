@@ -42,8 +42,8 @@ def test_tiled_attention_matches_reference(lq, lk, query_block, key_block):
 def test_multi_head_attention_tiles_long_sequences_on_cpu():
     # More keys than one tile: the tiled path, which must agree with the reference.
     q, k, v = qkv(600, layers.CPU_KEY_BLOCK + 88, 16)
-    out = jax.jit(lambda *a: layers.multi_head_attention(*a, 2))(q, k, v)
-    hlo = jax.jit(lambda *a: layers.multi_head_attention(*a, 2)).lower(q, k, v).as_text()
+    attend = jax.jit(lambda *a: layers.multi_head_attention(*a, 2))
+    out, hlo = attend(q, k, v), attend.lower(q, k, v).as_text()
     assert "while" in hlo  # the scan over key tiles
     np.testing.assert_allclose(np.asarray(out), np.asarray(reference(q, k, v, 2)), rtol=0, atol=1e-5)
 
