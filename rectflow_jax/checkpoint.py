@@ -8,11 +8,15 @@ or the sampler reads to rebuild the model without the original config.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
+
+
+T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
@@ -21,8 +25,30 @@ class CheckpointError(ValueError):
 
 def _manager(directory: Path, *, save_every: int = 1, keep: int | None = None, read_only: bool = False):
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_every, max_to_keep=keep, create=not read_only, read_only=read_only)
+        save_interval_steps=0 if read_only else save_every, max_to_keep=keep, create=not read_only,
+        read_only=read_only)
     return ocp.CheckpointManager(directory.resolve(), options=options, item_names=("state", "meta"))
+
+
+def _read(directory: Path, read: Callable[[Any], T], *, attempts: int = 6) -> T:
+    """`read(manager)` on a read-only manager of `directory`.
+
+    A run that is still training deletes its oldest step (max_to_keep) while a reader
+    lists or restores it. That shows up as a missing file or directory, so the reader looks again
+    and finds the newer steps.
+    """
+    for attempt in range(attempts):
+        try:
+            manager = _manager(directory, read_only=True)  # lists the steps: can race too
+            try:
+                return read(manager)
+            finally:
+                manager.close()
+        except (FileNotFoundError, NotADirectoryError):
+            if attempt == attempts - 1:
+                raise
+        time.sleep(0.02 * 2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 class Checkpointer:
@@ -69,24 +95,23 @@ def latest_step(stage_dir: str | Path) -> int | None:
     directory = Path(stage_dir) / "checkpoints"
     if not directory.is_dir():
         return None
-    manager = _manager(directory, read_only=True)
-    try:
-        return manager.latest_step()
-    finally:
-        manager.close()
+    return _read(directory, lambda manager: manager.latest_step())
 
 
 def read_meta(stage_dir: str | Path) -> tuple[dict[str, Any], int]:
     """(meta, step) of the latest checkpoint of a stage."""
-    manager = _manager(_checkpoint_dir(stage_dir), read_only=True)
-    try:
-        step = manager.latest_step()
-        if step is None:
-            raise CheckpointError(f"{str(stage_dir)!r} holds no finished checkpoint")
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        return meta, step
-    finally:
-        manager.close()
+    def read(manager):
+        step = _latest_finished(manager, stage_dir)
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta, step
+
+    return _read(_checkpoint_dir(stage_dir), read)
+
+
+def _latest_finished(manager, stage_dir) -> int:
+    step = manager.latest_step()
+    if step is None:
+        raise CheckpointError(f"{str(stage_dir)!r} holds no finished checkpoint")
+    return step
 
 
 def restore_params(stage_dir: str | Path, abstract_params: Any, *, which: str = "ema_params") -> Any:
@@ -95,24 +120,25 @@ def restore_params(stage_dir: str | Path, abstract_params: Any, *, which: str = 
     `abstract_params` gives shapes, dtypes and, optionally, shardings
     (jax.ShapeDtypeStruct leaves); a shape mismatch is a CheckpointError.
     """
-    manager = _manager(_checkpoint_dir(stage_dir), read_only=True)
-    try:
-        step = manager.latest_step()
-        if step is None:
-            raise CheckpointError(f"{str(stage_dir)!r} holds no finished checkpoint")
-        target = {which: abstract_params}
-        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    directory = _checkpoint_dir(stage_dir)
+    target = {which: abstract_params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+
+    def read(manager):
+        step = _latest_finished(manager, stage_dir)
         try:
             restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item=target, restore_args=restore_args, partial_restore=True)))
         except (ValueError, KeyError) as err:
+            if not (directory / str(step)).exists():  # deleted by the running job mid-read
+                raise FileNotFoundError(directory / str(step)) from err
             raise CheckpointError(f"checkpoint {str(stage_dir)!r} (step {step}) does not fit this model: "
                                   f"{str(err).splitlines()[0][:300]}") from err
-        params = restored.state[which]
-        _check_shapes(params, abstract_params, stage_dir)
-        return params
-    finally:
-        manager.close()
+        return restored.state[which]
+
+    params = _read(directory, read)
+    _check_shapes(params, abstract_params, stage_dir)
+    return params
 
 
 def _check_shapes(params: Any, abstract: Any, stage_dir) -> None:
