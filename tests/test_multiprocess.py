@@ -1,6 +1,7 @@
 """Two JAX processes on localhost train like one process with the same global batch."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,15 @@ def launch(workdir, *extra, devices=1):
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    port = 23000 + os.getpid() % 2000
+    port = free_port()
     procs = [launch(tmp_path / "two", f"--config.distributed.coordinator=127.0.0.1:{port}",
                     "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}")
              for i in range(2)]
