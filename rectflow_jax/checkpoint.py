@@ -3,6 +3,7 @@
 A stage directory holds `checkpoints/<step>/{state,meta}`: the whole train state and a
 JSON description (stage kind, data shape, model and data configs) that a later stage
 or the sampler reads to rebuild the model without the original config.
+The readers here may run while the stage is still training (an evaluator watching it).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def _read(directory: Path, read: Callable[[Any], T], *, attempts: int = 6) -> T:
     """`read(manager)` on a read-only manager of `directory`.
 
     A run that is still training deletes its oldest step (max_to_keep) while a reader
-    lists or restores it. That shows up as a missing file or directory, so the reader looks again
-    and finds the newer steps.
+    lists or restores it. That shows up as a missing file or directory, so the reader
+    looks again and finds the newer steps.
     """
     for attempt in range(attempts):
         try:
