@@ -31,25 +31,27 @@ def _manager(directory: Path, *, save_every: int = 1, keep: int | None = None, r
     return ocp.CheckpointManager(directory.resolve(), options=options, item_names=("state", "meta"))
 
 
-def _read(directory: Path, read: Callable[[Any], T], *, attempts: int = 6) -> T:
+def _read(directory: Path, read: Callable[[Any], T]) -> T:
     """`read(manager)` on a read-only manager of `directory`.
 
     A run that is still training deletes its oldest step (max_to_keep) while a reader
     lists or restores it. That shows up as a missing file or directory, so the reader
     looks again and finds the newer steps.
     """
-    for attempt in range(attempts):
+    for backoff in (0.02, 0.04, 0.08, 0.16, 0.32):
         try:
-            manager = _manager(directory, read_only=True)  # lists the steps: can race too
-            try:
-                return read(manager)
-            finally:
-                manager.close()
+            return _read_once(directory, read)
         except (FileNotFoundError, NotADirectoryError):
-            if attempt == attempts - 1:
-                raise
-        time.sleep(0.02 * 2 ** attempt)
-    raise AssertionError("unreachable")
+            time.sleep(backoff)
+    return _read_once(directory, read)
+
+
+def _read_once(directory: Path, read: Callable[[Any], T]) -> T:
+    manager = _manager(directory, read_only=True)  # lists the steps: can race too
+    try:
+        return read(manager)
+    finally:
+        manager.close()
 
 
 class Checkpointer:
