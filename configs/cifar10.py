@@ -14,13 +14,15 @@ Frechet distance of the digits set only for digits; CIFAR-10 FID needs an Incept
 network, which cannot be downloaded in this environment.
 """
 
+from ml_collections import config_dict
+
 from rectflow_jax.configlib import base_config
 
 
 def get_config():
     config = base_config()
     config.data = dict(name="cifar10", split="train", reference_split="test", random_flip=True,
-                       class_conditional=False)
+                       class_conditional=False, data_dir=config_dict.placeholder(str))  # None: tfds' default
     config.model = dict(name="unet", ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
                         dropout=0.15, embedding_type="positional", resblock_skip_rescale=True)
 

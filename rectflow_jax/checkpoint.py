@@ -2,12 +2,14 @@
 
 A stage directory holds `checkpoints/<step>/{state,meta}`: the whole train state and a
 JSON description (stage kind, data shape, model and data configs) that a later stage
-or the sampler reads to rebuild the model without the original config.
+or the sampler reads to rebuild the model without the original config, plus `run` (what
+defines the run), its hash `run_hash` and the full stage `config`, for humans.
 The readers here may run while the stage is still training (an evaluator watching it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -157,6 +159,11 @@ def _check_shapes(params: Any, abstract: Any, stage_dir) -> None:
 def jsonable(value: Any) -> Any:
     """`value` as it reads back from checkpoint metadata (tuples become lists)."""
     return json.loads(json.dumps(value))
+
+
+def json_hash(value: Any) -> str:
+    """Hex SHA-256 of a JSON value, independent of dict order (and of tuple vs list)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:

@@ -4,6 +4,8 @@ A config file in configs/ calls `base_config()` and sets what its experiment nee
 Stages after the first differ only by small overrides, written as partial configs:
 `config.stages.reflow.optim.lr = 1e-4` means "the reflow stages train with lr 1e-4";
 `stage_config(config, 'reflow')` merges them into a full config for the train loop.
+`validate(config)` (called by load_config, stage_config and the CLI) refuses a value
+outside its choices with one ConfigError naming the key, the value and the choices.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ import ml_collections
 from ml_collections import config_dict
 
 STAGE_KINDS = ("rf", "reflow", "distill")
+REFLOW_INITS = ("teacher", "scratch")   # a reflow stage starts from its teacher's params, or fresh
+
+
+class ConfigError(ValueError):
+    """A config value that is not one of its choices, or a key that does not exist."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -26,21 +33,29 @@ def base_config() -> ml_collections.ConfigDict:
 
     # The rectified-flow objective (t = 0 noise, t = 1 data).
     c.flow = ml_collections.ConfigDict()
-    c.flow.time_sampler = "uniform"       # uniform | logit_normal | u_shaped
-    c.flow.time_sampler_args = ml_collections.ConfigDict({"eps": 1e-3})
+    c.flow.time_sampler = "uniform"       # uniform | logit_normal | u_shaped (flow.TIME_SAMPLERS)
+    # Each sampler's own arguments; only the chosen sampler's are used (and hashed into the run).
+    c.flow.uniform = ml_collections.ConfigDict({"eps": 1e-3})                      # t ~ U[eps, 1]
+    c.flow.logit_normal = ml_collections.ConfigDict({"mean": 0.0, "std": 1.0})     # sigmoid(N(mean, std^2))
+    c.flow.u_shaped = ml_collections.ConfigDict({"a": 4.0})                        # density ~ cosh(a (t - 1/2))
     c.flow.loss = "l2"                    # l2 | pseudo_huber
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-4
     c.optim.schedule = "constant"         # after warmup: constant | cosine
     c.optim.warmup_steps = 100
-    c.optim.decay_steps = 0               # cosine only
+    c.optim.decay_steps = 0               # cosine only; 0: to the end of the stage (train.num_steps)
     c.optim.grad_clip = 1.0
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.0
     c.optim.ema_decay = 0.999
+    # How the EMA starts (it starts from the initial params, or a teacher's):
+    #   ramp: decay_t = min(ema_decay, (1 + t) / (10 + t)) at update t = 0, 1, ...
+    #   bias_correction: the EMA of the params from zero, divided by 1 - ema_decay^(t + 1)
+    #   none: ema_decay from the first update (the init keeps ema_decay^t of the weight)
+    c.optim.ema_warmup = "ramp"
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 128              # global, over all devices and hosts
@@ -52,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Overrides for the later stages: partial configs over flow/optim/train.
     c.stages = ml_collections.ConfigDict()
-    c.stages.reflow = ml_collections.ConfigDict({"init": "teacher"})   # teacher | scratch
+    c.stages.reflow = ml_collections.ConfigDict({"init": "teacher"})   # REFLOW_INITS: teacher | scratch
     c.stages.distill = ml_collections.ConfigDict()
 
     # Reflow couplings: integrate the teacher's ODE from fresh x0.
@@ -60,13 +75,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.pairs.num_pairs = 10000
     c.pairs.shard_size = 2500
     c.pairs.num_steps = 100
-    c.pairs.method = "euler"              # euler | heun
+    c.pairs.method = "euler"              # euler | heun (sampling.STEPPERS)
     c.pairs.batch_size = 500
 
     c.sample = ml_collections.ConfigDict()
     c.sample.num_steps = 1
     c.sample.num_samples = 64
-    c.sample.method = "euler"
+    c.sample.method = "euler"             # euler | heun (sampling.STEPPERS)
     c.sample.batch_size = 1000            # text-to-image: min(this, number of images); SD wants ~8
     # Text-to-image (`rectflow sample --pretrained FOLDER`), see rectflow_jax/text_to_image.py.
     c.sample.guidance_scale = 1.0         # 1: no classifier-free guidance (InstaFlow one-step)
@@ -100,16 +115,14 @@ def get_config() -> ml_collections.ConfigDict:
 def _merge(target: ml_collections.ConfigDict, overrides: ml_collections.ConfigDict, where: str) -> None:
     for key, value in overrides.items():
         if key not in target:
-            raise ValueError(f"stage override {where}.{key} names no key of the base config")
-        if isinstance(value, ml_collections.ConfigDict) and isinstance(target[key], ml_collections.ConfigDict) \
-                and key != "time_sampler_args":
+            raise ConfigError(f"stage override {where}.{key} names no key of the base config")
+        if isinstance(value, ml_collections.ConfigDict) and isinstance(target[key], ml_collections.ConfigDict):
             _merge(target[key], value, f"{where}.{key}")
         else:
             target[key] = value
 
 
-def stage_config(config: ml_collections.ConfigDict, kind: str) -> ml_collections.ConfigDict:
-    """The full config of a stage kind: 'rf' (from data), 'reflow' or 'distill'."""
+def _merged(config: ml_collections.ConfigDict, kind: str) -> ml_collections.ConfigDict:
     if kind not in STAGE_KINDS:
         raise ValueError(f"unknown stage kind {kind!r}; choose one of {STAGE_KINDS}")
     merged = ml_collections.ConfigDict(config.to_dict())
@@ -121,9 +134,85 @@ def stage_config(config: ml_collections.ConfigDict, kind: str) -> ml_collections
     return merged
 
 
+def stage_config(config: ml_collections.ConfigDict, kind: str) -> ml_collections.ConfigDict:
+    """The full config of a stage kind: 'rf' (from data), 'reflow' or 'distill'."""
+    validate(config)
+    return _merged(config, kind)
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Enumerated config keys and their choices, read from the modules that implement them.
+
+    Imported here, not at the top: configs import this module and need no JAX to load.
+    """
+    from rectflow_jax import flow, models, sampling, train
+    from rectflow_jax.data import datasets
+
+    return {
+        "data.name": tuple(sorted(datasets.DATASETS)),
+        "model.name": tuple(sorted(models.MODELS)),
+        "flow.time_sampler": tuple(sorted(flow.TIME_SAMPLERS)),
+        "flow.loss": tuple(sorted(flow.LOSSES)),
+        "optim.schedule": train.SCHEDULES,
+        "optim.ema_warmup": train.EMA_WARMUPS,
+        "pairs.method": tuple(sorted(sampling.STEPPERS)),
+        "sample.method": tuple(sorted(sampling.STEPPERS)),
+    }
+
+
+def _check_flow(flow_config: ml_collections.ConfigDict, where: str) -> None:
+    """flow holds the sampler name, the loss and one sub-config per sampler with exactly its arguments."""
+    from rectflow_jax import flow
+
+    for key in flow_config:
+        if key in ("time_sampler", "loss"):
+            continue
+        if key not in flow.TIME_SAMPLERS:
+            raise ConfigError(f"{where}.{key} is not a config key; a time sampler's arguments go in "
+                              f"{where}.<sampler>.<argument>, samplers: {sorted(flow.TIME_SAMPLERS)}")
+        wanted = flow.time_sampler_arg_names(key)
+        unknown = sorted(set(flow_config[key]) - set(wanted))
+        if unknown:
+            raise ConfigError(f"{where}.{key}.{unknown[0]} is not an argument of the {key!r} time sampler; "
+                              f"its arguments: {list(wanted)}")
+    name = flow_config.time_sampler
+    if name in flow.TIME_SAMPLERS:
+        missing = sorted(set(flow.time_sampler_arg_names(name)) - set(flow_config.get(name, {})))
+        if missing:
+            raise ConfigError(f"{where}.{name}.{missing[0]} is not set; the {name!r} time sampler needs it")
+
+
+def _validate_one(config: ml_collections.ConfigDict, choices: dict, where: str) -> None:
+    for key, allowed in choices.items():
+        section, name = key.split(".")
+        value = config[section].get(name)
+        if value not in allowed:
+            raise ConfigError(f"{where}{key}={value!r} is not one of {list(allowed)}")
+    _check_flow(config.flow, f"{where}flow")
+    if not 0.0 <= config.optim.ema_decay < 1.0:
+        raise ConfigError(f"{where}optim.ema_decay={config.optim.ema_decay!r} must lie in [0, 1)")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for a value outside its choices, in the config or in any stage's overrides.
+
+    The error names the key (prefixed 'stages.<kind>: ' when a stage override brings the
+    value in), the value and the choices: a typo never falls back to a default.
+    """
+    init = config.stages.reflow.get("init")
+    if init not in REFLOW_INITS:
+        raise ConfigError(f"stages.reflow.init={init!r} is not one of {list(REFLOW_INITS)}")
+    choices = _choices()
+    _validate_one(config, choices, "")
+    for kind in STAGE_KINDS[1:]:
+        _validate_one(_merged(config, kind), choices, f"stages.{kind}: ")
+
+
 def load_config(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
-    """A config file's get_config(), as `--config=path[:arg]` would give it."""
+    """A config file's get_config(), as `--config=path[:arg]` would give it, validated."""
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config() if arg is None else module.get_config(arg)
+    config = module.get_config() if arg is None else module.get_config(arg)
+    validate(config)
+    return config

@@ -6,6 +6,7 @@ X_t = t X1 + (1 - t) X0 and the target velocity is X1 - X0.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import jax
@@ -30,16 +31,21 @@ def target_velocity(x0: jax.Array, x1: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- time samplers
 
 
-def uniform_time(key: jax.Array, n: int, eps: float = 1e-3) -> jax.Array:
+# Each sampler's arguments are keyword-only and have no defaults here: the config
+# (configlib.base_config: flow.<sampler>.<arg>) is the one place that sets them.
+
+
+def uniform_time(key: jax.Array, n: int, *, eps: float) -> jax.Array:
     """Uniform on [eps, 1], as in the official code."""
     return jax.random.uniform(key, (n,), minval=eps, maxval=1.0)
 
 
-def logit_normal_time(key: jax.Array, n: int, mean: float = 0.0, std: float = 1.0) -> jax.Array:
+def logit_normal_time(key: jax.Array, n: int, *, mean: float, std: float) -> jax.Array:
+    """sigmoid(N(mean, std^2)): more weight in the middle of [0, 1] (Esser et al., 2024)."""
     return jax.nn.sigmoid(mean + std * jax.random.normal(key, (n,)))
 
 
-def u_shaped_time(key: jax.Array, n: int, a: float = 4.0) -> jax.Array:
+def u_shaped_time(key: jax.Array, n: int, *, a: float) -> jax.Array:
     """Density proportional to cosh(a (t - 1/2)) on [0, 1]: more weight near both ends.
 
     Sampled by inverting the CDF F(t) = (sinh(a (t - 1/2)) + sinh(a / 2)) / (2 sinh(a / 2)).
@@ -52,9 +58,21 @@ def u_shaped_time(key: jax.Array, n: int, a: float = 4.0) -> jax.Array:
 TIME_SAMPLERS = {"uniform": uniform_time, "logit_normal": logit_normal_time, "u_shaped": u_shaped_time}
 
 
+def time_sampler_arg_names(name: str) -> tuple[str, ...]:
+    """The arguments a time sampler takes (besides key and n)."""
+    return tuple(p.name for p in inspect.signature(TIME_SAMPLERS[name]).parameters.values()
+                 if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
 def time_sampler(name: str, **kwargs) -> Callable[[jax.Array, int], jax.Array]:
+    """(key, n) -> n times in [0, 1], drawn by the sampler `name` with exactly its own arguments."""
     if name not in TIME_SAMPLERS:
         raise ValueError(f"unknown time sampler {name!r}; choose one of {sorted(TIME_SAMPLERS)}")
+    wanted = time_sampler_arg_names(name)
+    if set(kwargs) != set(wanted):
+        unknown, missing = sorted(set(kwargs) - set(wanted)), sorted(set(wanted) - set(kwargs))
+        raise ValueError(f"time sampler {name!r} takes the arguments {list(wanted)}"
+                         + (f"; unknown: {unknown}" if unknown else "") + (f"; missing: {missing}" if missing else ""))
     return lambda key, n: TIME_SAMPLERS[name](key, n, **kwargs)
 
 

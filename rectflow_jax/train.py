@@ -21,13 +21,15 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
-from rectflow_jax import checkpoint, flow, models, parallel
+from rectflow_jax import checkpoint, configlib, flow, models, parallel
 
 OBJECTIVES = ("flow", "distill")
+SCHEDULES = ("constant", "cosine")                  # optim.schedule, after the linear warm-up
+EMA_WARMUPS = ("ramp", "bias_correction", "none")   # optim.ema_warmup, see configlib.base_config
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss or the updated state became NaN or infinite; the last good checkpoint is kept."""
 
 
 @struct.dataclass
@@ -38,20 +40,58 @@ class TrainState:
     opt_state: Any
 
 
-def make_optimizer(optim) -> optax.GradientTransformation:
-    """AdamW behind global-norm clipping; linear warmup, then constant or cosine decay."""
-    warmup = optax.linear_schedule(0.0, optim.lr, max(int(optim.warmup_steps), 1))
+def learning_rate_schedule(optim, num_steps: int) -> optax.Schedule:
+    """Linear warm-up to optim.lr, then constant or a cosine decay to 0.
+
+    The cosine decays over optim.decay_steps, or, when that is 0, over the rest of
+    the stage (num_steps - warmup_steps), so the rate reaches 0 at the last step.
+    """
+    warmup_steps = int(optim.warmup_steps)
+    warmup = optax.linear_schedule(0.0, optim.lr, max(warmup_steps, 1))
     if optim.schedule == "constant":
         after = optax.constant_schedule(optim.lr)
     elif optim.schedule == "cosine":
-        after = optax.cosine_decay_schedule(optim.lr, max(int(optim.decay_steps), 1))
+        decay_steps = int(optim.decay_steps) or int(num_steps) - warmup_steps
+        if decay_steps < 1:
+            raise configlib.ConfigError(f"a cosine schedule needs steps after its warm-up: train.num_steps={num_steps}, "
+                             f"optim.warmup_steps={warmup_steps}, optim.decay_steps={optim.decay_steps}")
+        after = optax.cosine_decay_schedule(optim.lr, decay_steps)
     else:
-        raise ValueError(f"unknown schedule {optim.schedule!r}; choose 'constant' or 'cosine'")
-    schedule = optax.join_schedules([warmup, after], [int(optim.warmup_steps)])
+        raise configlib.ConfigError(f"optim.schedule={optim.schedule!r} is not one of {list(SCHEDULES)}")
+    return optax.join_schedules([warmup, after], [warmup_steps])
+
+
+def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
+    """AdamW behind global-norm clipping, at learning_rate_schedule(optim, num_steps)."""
     return optax.chain(
         optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip else optax.identity(),
-        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay),
+        optax.adamw(learning_rate_schedule(optim, num_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                    weight_decay=optim.weight_decay),
     )
+
+
+def ema_decay_schedule(decay: float, warmup: str) -> Callable[[jax.Array], jax.Array]:
+    """update index t (0 for the first update) -> the decay of that EMA update.
+
+    The EMA starts from the initial params (or a teacher's); a fixed decay ('none')
+    leaves them decay^t of the weight after t updates, 37% after 1000 steps at 0.999.
+    'ramp' shortens the average early on; 'bias_correction' keeps the EMA equal to
+    Adam's corrected average of the params from zero, m_t / (1 - decay^(t+1)), in
+    which the initial params have no weight: its decay is (d - d^(t+1)) / (1 - d^(t+1)).
+    """
+    if warmup == "ramp":
+        return lambda t: jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+    if warmup == "bias_correction":
+        return lambda t: (decay - decay ** (t + 1.0)) / (1.0 - decay ** (t + 1.0))
+    if warmup == "none":
+        return lambda t: jnp.asarray(decay, jnp.float32)
+    raise configlib.ConfigError(f"optim.ema_warmup={warmup!r} is not one of {list(EMA_WARMUPS)}")
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def velocity_apply(model: nn.Module) -> Callable:
@@ -60,8 +100,14 @@ def velocity_apply(model: nn.Module) -> Callable:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, objective: str,
-                    loss_name: str, time_sampler: Callable, source_fn: Callable, ema_decay: float):
-    """The pure step (state, batch, key) -> (state, metrics); jit it with shardings."""
+                    loss_name: str, time_sampler: Callable, source_fn: Callable,
+                    ema_decay: Callable[[jax.Array], jax.Array]):
+    """The pure step (state, batch, key) -> (state, metrics); jit it with shardings.
+
+    `ema_decay(t)` is the decay of the t-th EMA update (ema_decay_schedule). metrics
+    hold the loss (of the params before the update) and `finite`: whether the loss
+    and the whole updated state are finite, so a diverged state is never saved.
+    """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
     loss_of = flow.loss_fn(loss_name)
@@ -85,9 +131,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, objec
         loss, grads = jax.value_and_grad(compute_loss)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+        decay = ema_decay(state.step.astype(jnp.float32))
+        ema = jax.tree_util.tree_map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
+                                     state.ema_params, params)
         new_state = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        finite = jnp.isfinite(loss) & _all_finite((params, ema, opt_state))
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite}
 
     return train_step
 
@@ -106,6 +155,14 @@ class Stage:
     init_params: Any = None         # a teacher's params, or None for a fresh init
     meta: dict = dataclasses.field(default_factory=dict)   # saved beside every checkpoint
     sample_fn: Callable | None = None   # params -> image (H, W, 3) uint8 for TensorBoard
+    # Where the stage's inputs come from beyond the config (JSON values), e.g. {'kind':
+    # 'reflow', 'teacher_run_hash': ...}: part of the run hash and of the random streams.
+    identity: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r} of stage {self.name!r}; "
+                             f"choose one of {OBJECTIVES}")
 
 
 def abstract_params(model: nn.Module, shape, num_classes, mesh=None, rules=None):
@@ -131,9 +188,40 @@ def _state_shardings(model, tx, stage: Stage, mesh, rules):
 
 
 def _check_finite(pending: list[tuple[int, Any]]) -> None:
-    for step, loss in zip([s for s, _ in pending], jax.device_get([m["loss"] for _, m in pending])):
+    steps = [s for s, _ in pending]
+    values = jax.device_get([(m["loss"], m["finite"]) for _, m in pending])
+    for step, (loss, finite) in zip(steps, values):
         if not math.isfinite(float(loss)):
             raise TrainingDiverged(f"loss became {float(loss)} at step {step}")
+        if not bool(finite):
+            raise TrainingDiverged(f"the parameters or optimizer state became non-finite at step {step} "
+                                   f"(loss {float(loss):.4g})")
+
+
+def run_definition(config, stage: Stage) -> dict[str, Any]:
+    """What makes two runs of a stage the same run: hashed, and kept in the meta to diff.
+
+    Step counts, intervals, the mesh and the other stages' settings may change on resume;
+    of the time samplers' arguments only the chosen one's count.
+    """
+    sampler = config.flow.time_sampler
+    return checkpoint.jsonable({
+        "seed": config.seed, "objective": stage.objective, "shape": list(stage.shape),
+        "num_classes": stage.num_classes, "model": config.model.to_dict(), "data": config.data.to_dict(),
+        "flow": {"time_sampler": sampler, sampler: config.flow[sampler].to_dict(), "loss": config.flow.loss},
+        "optim": config.optim.to_dict(), "train": {"batch_size": config.train.batch_size},
+        "identity": stage.identity,
+    })
+
+
+def stage_key(seed: int, stage: Stage) -> jax.Array:
+    """The stage's base key: the seed with the objective and identity folded in.
+
+    1-RF, 2-RF and distillation stages of one seed draw independent t, x0 and dropout
+    streams; the same stage inputs always give the same stream.
+    """
+    stream = checkpoint.json_hash({"objective": stage.objective, "identity": stage.identity})
+    return jax.random.fold_in(jax.random.key(seed), int(stream[:8], 16))
 
 
 @dataclasses.dataclass
@@ -152,7 +240,8 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
     mesh = mesh or parallel.make_mesh(config.mesh.to_dict())
     rules = parallel.logical_rules(config.sharding_rules.to_dict())
     local_batch = parallel.check_batch_size(config.train.batch_size, mesh)
-    tx = make_optimizer(config.optim)
+    num_steps = int(config.train.num_steps)
+    tx = make_optimizer(config.optim, num_steps)
     state_shardings = _state_shardings(stage.model, tx, stage, mesh, rules)
 
     def fresh_state(key, params):
@@ -161,8 +250,9 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                           opt_state=tx.init(params))
 
-    base_key = jax.random.key(config.seed)
-    init_key, step_key = jax.random.split(base_key)
+    run = run_definition(config, stage)
+    run_hash = checkpoint.json_hash(run)
+    init_key, step_key = jax.random.split(stage_key(config.seed, stage))
     create = jax.jit(fresh_state, out_shardings=state_shardings)
     abstract_state = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), jax.eval_shape(create, init_key, stage.init_params),
@@ -172,19 +262,20 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
                                    keep=config.train.keep_checkpoints)
     try:
         if ckpt.latest_step() is not None:
-            _check_compatible(stage_dir, stage, config)
+            _check_same_run(stage_dir, run, run_hash)
         restored = ckpt.restore_latest(abstract_state)
         state, start = restored if restored else (create(init_key, stage.init_params), 0)
-        num_steps = int(config.train.num_steps)
         if start >= num_steps:
             return TrainResult(state, [])
         meta = dict(stage.meta, stage=stage.name, objective=stage.objective, shape=list(stage.shape),
                     num_classes=stage.num_classes, model=config.model.to_dict(), data=config.data.to_dict(),
-                    num_steps=num_steps)
+                    num_steps=num_steps, run=run, run_hash=run_hash, config=config.to_dict())
+        sampler = config.flow.time_sampler
         step_fn = jax.jit(
             make_train_step(stage.model, tx, objective=stage.objective, loss_name=config.flow.loss,
-                            time_sampler=flow.time_sampler(config.flow.time_sampler, **config.flow.time_sampler_args),
-                            source_fn=stage.source_fn, ema_decay=config.optim.ema_decay),
+                            time_sampler=flow.time_sampler(sampler, **config.flow[sampler]),
+                            source_fn=stage.source_fn,
+                            ema_decay=ema_decay_schedule(config.optim.ema_decay, config.optim.ema_warmup)),
             in_shardings=(state_shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
             out_shardings=(state_shardings, parallel.replicated(mesh)),
             donate_argnums=0)
@@ -202,7 +293,7 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
             save_now = step % config.train.checkpoint_every == 0 or step == num_steps
             if log_now or save_now:
                 _check_finite(pending)  # raises before a diverged state can be saved
-                host = {k: float(v) for k, v in jax.device_get(pending[-1][1]).items()}
+                host = {k: float(v) for k, v in jax.device_get(pending[-1][1]).items() if k != "finite"}
                 now = time.perf_counter()
                 rate = (step - last_step) / max(now - last_time, 1e-9)
                 last_time, last_step, pending = now, step, []
@@ -231,16 +322,27 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
         ckpt.close()
 
 
-def _check_compatible(stage_dir: Path, stage: Stage, config) -> None:
-    """Refuses to resume a checkpoint of another model or data shape (nothing is overwritten)."""
+def _check_same_run(stage_dir: Path, run: dict, run_hash: str) -> None:
+    """Refuses to resume a checkpoint of another run (nothing is overwritten), naming what differs."""
     meta, step = checkpoint.read_meta(stage_dir)
-    mine = {"shape": list(stage.shape), "num_classes": stage.num_classes, "model": config.model.to_dict(),
-            "objective": stage.objective}
-    differ = [k for k, v in mine.items() if meta.get(k) != checkpoint.jsonable(v)]
-    if differ:
+    advice = "use a new --workdir or remove the old one"
+    if "run_hash" not in meta:
         raise checkpoint.CheckpointError(
-            f"{stage_dir} holds a checkpoint (step {step}) of a different run ({', '.join(differ)} differ); "
-            "use a new --workdir or remove the old one")
+            f"{stage_dir} holds a checkpoint (step {step}) written by an older rectflow_jax without a run hash, "
+            f"so it cannot be checked to be this run; {advice}")
+    if meta["run_hash"] != run_hash:
+        differ = "; ".join(_differences(meta.get("run", {}), run)[:8]) or "its run hash differs"
+        raise checkpoint.CheckpointError(
+            f"{stage_dir} holds a checkpoint (step {step}) of a different run: {differ}; {advice}")
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """'key: old -> new' for each differing leaf of two JSON trees."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for key in sorted(set(old) | set(new))
+                for line in _differences(old.get(key, "<unset>"), new.get(key, "<unset>"),
+                                         f"{path}.{key}" if path else key)]
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
 def _summary_writer(directory: Path):

@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
 from rectflow_jax import flow
 
@@ -20,27 +21,45 @@ def test_interpolant_broadcasts_time_over_images():
     np.testing.assert_allclose(xt[:, 0, 0, 0], [0.1, 0.7], rtol=1e-6)
 
 
-def test_time_samplers_ranges_and_shapes():
-    key = jax.random.key(0)
-    u = flow.time_sampler("uniform", eps=0.1)(key, 20000)
-    assert float(u.min()) >= 0.1 and float(u.max()) <= 1.0
-    ln = flow.time_sampler("logit_normal")(key, 20000)
-    assert 0 < float(ln.min()) and float(ln.max()) < 1 and abs(float(ln.mean()) - 0.5) < 0.01
-    us = flow.time_sampler("u_shaped", a=4.0)(key, 20000)
-    assert 0 <= float(us.min()) and float(us.max()) <= 1
-    ends = float(jnp.mean((us < 0.1) | (us > 0.9)))
-    middle = float(jnp.mean(jnp.abs(us - 0.5) < 0.1))
-    assert ends > 2 * middle  # U-shaped: more mass near both ends than in the middle
+def _u_shaped_cdf(t, a):
+    # The integral of the density a cosh(a (s - 1/2)) / (2 sinh(a / 2)) from 0 to t.
+    return (np.sinh(a * (t - 0.5)) + np.sinh(a / 2)) / (2 * np.sinh(a / 2))
+
+
+def _logit_normal_cdf(t, mean, std):
+    return stats.norm.cdf((np.log(t) - np.log1p(-t) - mean) / std)
+
+
+SAMPLER_CASES = [
+    ("uniform", {"eps": 1e-3}, lambda t: stats.uniform.cdf(t, 1e-3, 1 - 1e-3)),
+    ("uniform", {"eps": 0.2}, lambda t: stats.uniform.cdf(t, 0.2, 0.8)),
+    ("logit_normal", {"mean": 0.0, "std": 1.0}, lambda t: _logit_normal_cdf(t, 0.0, 1.0)),
+    ("logit_normal", {"mean": 0.7, "std": 0.4}, lambda t: _logit_normal_cdf(t, 0.7, 0.4)),
+    ("u_shaped", {"a": 4.0}, lambda t: _u_shaped_cdf(t, 4.0)),
+    ("u_shaped", {"a": 1.5}, lambda t: _u_shaped_cdf(t, 1.5)),
+]
+
+
+@pytest.mark.parametrize("name, args, cdf", SAMPLER_CASES,
+                         ids=[f"{n}-" + "-".join(f"{k}={v}" for k, v in a.items()) for n, a, _ in SAMPLER_CASES])
+def test_time_sampler_follows_its_distribution(name, args, cdf):
+    """Kolmogorov-Smirnov against the sampler's CDF; the first case's CDF rejects the other arguments."""
+    t = np.asarray(flow.time_sampler(name, **args)(jax.random.key(0), 20000), np.float64)
+    assert t.shape == (20000,)
+    assert stats.kstest(t, cdf).pvalue > 1e-3
+    default_cdf = next(c for n, _, c in SAMPLER_CASES if n == name)
+    if default_cdf is not cdf:  # the test can see a sampler that ignores its arguments
+        assert stats.kstest(t, default_cdf).pvalue < 1e-6
+
+
+def test_time_sampler_takes_exactly_its_own_arguments():
     with pytest.raises(ValueError, match="unknown time sampler"):
         flow.time_sampler("cosine")
-
-
-def test_u_shaped_matches_its_density():
-    us = np.asarray(flow.u_shaped_time(jax.random.key(1), 200000, a=4.0))
-    hist, edges = np.histogram(us, bins=10, range=(0, 1), density=True)
-    centres = (edges[:-1] + edges[1:]) / 2
-    density = 4.0 * np.cosh(4.0 * (centres - 0.5)) / (2 * np.sinh(2.0))
-    np.testing.assert_allclose(hist, density, rtol=0.05)
+    with pytest.raises(ValueError, match=r"'u_shaped' takes the arguments \['a'\]; unknown: \['eps'\]"):
+        flow.time_sampler("u_shaped", a=4.0, eps=1e-3)
+    with pytest.raises(ValueError, match=r"'logit_normal' takes .* missing: \['std'\]"):
+        flow.time_sampler("logit_normal", mean=0.0)
+    assert flow.time_sampler_arg_names("logit_normal") == ("mean", "std")
 
 
 def test_losses():
