@@ -30,6 +30,12 @@ def _stream(seed: int, stream: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), stream)
 
 
+def pair_key(seed: int, teacher: dict, shard_index: int) -> jax.Array:
+    """The key of one pair shard: each teacher checkpoint ({'run_hash', 'step'}) draws its own x0."""
+    teacher_stream = int(checkpoint.json_hash(teacher)[:8], 16)
+    return jax.random.fold_in(jax.random.fold_in(_stream(seed, PAIRS_STREAM), teacher_stream), shard_index)
+
+
 def draw_source(dataset, key: jax.Array, n: int) -> tuple[np.ndarray, np.ndarray | None]:
     """x0 ~ pi0 and, for class-conditional data, labels cycling through the classes."""
     x0 = np.asarray(dataset.sample_source(key, n), np.float32)
@@ -52,6 +58,26 @@ def _preview_fn(config, dataset, model, num_steps: int):
     return preview
 
 
+# The pairs.json entries that define a coupling (its path does not), part of a student's identity.
+PAIRS_IDENTITY = ("teacher_run_hash", "teacher_step", "source", "num_pairs", "num_steps", "method", "seed")
+
+
+def _check_pairs_fit(pairs_dir: str | Path, dataset) -> dict[str, Any]:
+    """The pairs' metadata, after checking they were made for this data by a traceable teacher."""
+    info = pair_io.inspect_pairs(pairs_dir)
+    if tuple(info["shape"]) != tuple(dataset.shape):
+        raise pair_io.PairDataError(f"pairs in {str(pairs_dir)!r} have shape {tuple(info['shape'])}, "
+                                    f"the data of this config {tuple(dataset.shape)}")
+    missing = [k for k in PAIRS_IDENTITY if k not in info]
+    if missing:
+        raise pair_io.PairDataError(f"pairs in {str(pairs_dir)!r} were made by an older rectflow_jax (pairs.json "
+                                    f"lacks {', '.join(missing)}); make them again with `rectflow pairs`")
+    if info["source"] != dataset.source_spec:
+        raise pair_io.PairDataError(f"pairs in {str(pairs_dir)!r} start from the source {info['source']!r}, "
+                                    f"this config's data from {dataset.source_spec!r}")
+    return info
+
+
 def train_stage(config, stage_dir: str | Path, kind: str, *, name: str | None = None,
                 pairs_dir: str | Path | None = None, teacher_dir: str | Path | None = None,
                 progress: bool = True) -> Path:
@@ -65,31 +91,38 @@ def train_stage(config, stage_dir: str | Path, kind: str, *, name: str | None = 
     if init_from_teacher and teacher_dir is None:
         raise ValueError(f"a {kind} stage starts from its teacher's parameters: give --checkpoint TEACHER_DIR")
 
+    # What the stage is made from beyond its config: a resume over other inputs is refused.
+    identity: dict[str, Any] = {"kind": kind}
+    if kind == "reflow":
+        identity["init"] = config.stages.reflow.init
     model = models.build_velocity_model(stage_config.model, dataset.shape, dataset.num_classes)
     init_params, meta = None, {"kind": kind}
+    if init_from_teacher:
+        provenance = teachers.finished_provenance(teacher_dir)
+        identity.update(teacher_run_hash=provenance["run_hash"], teacher_step=provenance["step"])
+        meta["teacher"] = str(teacher_dir)
     if init_from_teacher and (checkpoint.latest_step(stage_dir) is None):
         teacher = teachers.load_velocity_teacher(teacher_dir, expected_shape=dataset.shape,
-                                                 expected_num_classes=dataset.num_classes)
+                                                 expected_num_classes=dataset.num_classes,
+                                                 expected_source=dataset.source_spec, finished=True)
         if teacher.meta["model"] != checkpoint.jsonable(stage_config.model.to_dict()):
             raise teachers.IncompatibleTeacher(
                 f"teacher {str(teacher_dir)!r} has another model config than this stage; "
                 "the student starts from its parameters, so they must agree")
-        init_params, meta["teacher"] = teacher.params, str(teacher_dir)
+        init_params = teacher.params
 
     if pairs_dir is None:
         batches = dataset.batches
     else:
-        info = pair_io.inspect_pairs(pairs_dir)
-        if tuple(info["shape"]) != tuple(dataset.shape):
-            raise pair_io.PairDataError(f"pairs in {str(pairs_dir)!r} have shape {tuple(info['shape'])}, "
-                                        f"the data of this config {tuple(dataset.shape)}")
+        info = _check_pairs_fit(pairs_dir, dataset)
+        identity.update({f"pairs_{k}": info[k] for k in PAIRS_IDENTITY})
         meta["pairs"] = str(pairs_dir)
         batches = lambda b, seed, start, shard: pair_io.pair_batches(pairs_dir, b, seed, start, shard)
 
     stage = train.Stage(
         name=name or stage_dir.name, objective="distill" if kind == "distill" else "flow", model=model,
         shape=tuple(dataset.shape), num_classes=dataset.num_classes, source_fn=dataset.sample_source,
-        batches=batches, init_params=init_params, meta=meta,
+        batches=batches, init_params=init_params, meta=meta, identity=identity,
         sample_fn=_preview_fn(stage_config, dataset, model, 1 if kind == "distill" else config.sample.num_steps))
     train.train(stage_config, stage_dir, stage, progress=progress)
     return stage_dir
@@ -98,12 +131,18 @@ def train_stage(config, stage_dir: str | Path, kind: str, *, name: str | None = 
 def generate_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *, progress: bool = True) -> Path:
     """Integrates the teacher's ODE from fresh x0 and writes (x0, x1[, label]) shards.
 
-    Shard i draws from fold_in(seed stream, i), so shards are deterministic and a
-    rerun skips the finished ones. Processes split the shards between them.
+    x0 comes from the source the teacher was trained on (the config's must be the same).
+    Shard i draws from `pair_key(seed, teacher checkpoint, i)`: deterministic, so a rerun
+    skips the finished shards, and another teacher draws other x0. Only a finished teacher
+    is a source, and pairs.json names its checkpoint (run hash, step; its path is only a
+    note): a directory made by another checkpoint is refused. Processes split the shards.
     """
     dataset = datasets.get_dataset(config.data)
     teacher = teachers.load_velocity_teacher(teacher_dir, expected_shape=dataset.shape,
-                                             expected_num_classes=dataset.num_classes)
+                                             expected_num_classes=dataset.num_classes,
+                                             expected_source=dataset.source_spec, finished=True)
+    provenance = teachers.finished_provenance(teacher_dir, teacher.meta, teacher.step)
+    source = teacher.dataset  # pi0 as the teacher learnt it
     cfg = config.pairs
     if cfg.num_pairs < 1 or cfg.shard_size < 1 or cfg.batch_size < 1:
         raise ValueError("pairs.num_pairs, pairs.shard_size and pairs.batch_size must be positive")
@@ -115,8 +154,8 @@ def generate_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *, prog
 
     def make_shard(index: int) -> dict[str, np.ndarray]:
         size = min(cfg.shard_size, cfg.num_pairs - index * cfg.shard_size)
-        key = jax.random.fold_in(_stream(config.seed, PAIRS_STREAM), index)
-        x0, labels = dataset.sample_source(key, size), None
+        key = pair_key(config.seed, provenance, index)
+        x0, labels = source.sample_source(key, size), None
         if dataset.num_classes:
             labels = jax.random.randint(jax.random.fold_in(key, 1), (size,), 0, dataset.num_classes)
         outputs = []
@@ -131,11 +170,13 @@ def generate_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *, prog
             shard["label"] = np.asarray(labels, np.int32)
         return shard
 
-    meta = {"teacher": str(teacher_dir), "shape": list(dataset.shape), "num_classes": dataset.num_classes,
-            "num_pairs": cfg.num_pairs, "shard_size": cfg.shard_size, "num_steps": cfg.num_steps,
-            "method": cfg.method, "seed": config.seed}
+    meta = {"teacher_run_hash": provenance["run_hash"],
+            "teacher_step": provenance["step"], "source": source.source_spec, "shape": list(dataset.shape),
+            "num_classes": dataset.num_classes, "num_pairs": cfg.num_pairs, "shard_size": cfg.shard_size,
+            "num_steps": cfg.num_steps, "method": cfg.method, "seed": config.seed}
     mine = range(jax.process_index(), num_shards, jax.process_count())
-    pair_io.write_pair_shards(out_dir, make_shard, num_shards, meta, shard_indices=mine, progress=progress)
+    pair_io.write_pair_shards(out_dir, make_shard, num_shards, meta, shard_indices=mine,
+                              notes={"teacher": str(teacher_dir)}, progress=progress)
     return Path(out_dir)
 
 
@@ -143,7 +184,8 @@ def sample(config, checkpoint_dir: str | Path, out_dir: str | Path) -> dict[str,
     """Writes out/samples.npz (x0, x1[, label]) and a picture; same seed, same x0."""
     dataset = datasets.get_dataset(config.data)
     teacher = teachers.load_velocity_teacher(checkpoint_dir, expected_shape=dataset.shape,
-                                             expected_num_classes=dataset.num_classes)
+                                             expected_num_classes=dataset.num_classes,
+                                             expected_source=dataset.source_spec)
     cfg = config.sample
     x0, labels = draw_source(dataset, _stream(config.seed, SAMPLE_STREAM), cfg.num_samples)
     sampler = sampling.make_sampler(teacher.apply_velocity, cfg.num_steps, method=cfg.method,
@@ -175,15 +217,11 @@ def evaluate_stage(config, checkpoint_dir: str | Path) -> dict[str, Any]:
     """Metrics of a stage at config.eval.steps Euler steps, from x0 fixed by the seed."""
     dataset = datasets.get_dataset(config.data)
     teacher = teachers.load_velocity_teacher(checkpoint_dir, expected_shape=dataset.shape,
-                                             expected_num_classes=dataset.num_classes)
+                                             expected_num_classes=dataset.num_classes,
+                                             expected_source=dataset.source_spec)
     x0, labels = draw_source(dataset, _stream(config.seed, EVAL_STREAM), config.eval.num_samples)
     return evaluate.evaluate_velocity(teacher.apply_velocity, teacher.params, dataset, x0, labels,
                                       steps=tuple(config.eval.steps), batch_size=config.sample.batch_size)
-
-
-def _stage_done(config, stage_dir: Path, kind: str) -> bool:
-    step = checkpoint.latest_step(stage_dir)
-    return step is not None and step >= configlib.stage_config(config, kind).train.num_steps
 
 
 def run_pipeline(config, workdir: str | Path, *, progress: bool = True) -> dict[str, Any]:
@@ -191,18 +229,17 @@ def run_pipeline(config, workdir: str | Path, *, progress: bool = True) -> dict[
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     plan = [
-        ("1rf", lambda: train_stage(config, work / "1rf", "rf", progress=progress), "rf"),
-        ("pairs_1rf", lambda: generate_pairs(config, work / "1rf", work / "pairs_1rf", progress=progress), None),
+        ("1rf", lambda: train_stage(config, work / "1rf", "rf", progress=progress)),
+        ("pairs_1rf", lambda: generate_pairs(config, work / "1rf", work / "pairs_1rf", progress=progress)),
         ("2rf", lambda: train_stage(config, work / "2rf", "reflow", pairs_dir=work / "pairs_1rf",
-                                    teacher_dir=work / "1rf", progress=progress), "reflow"),
-        ("pairs_2rf", lambda: generate_pairs(config, work / "2rf", work / "pairs_2rf", progress=progress), None),
+                                    teacher_dir=work / "1rf", progress=progress)),
+        ("pairs_2rf", lambda: generate_pairs(config, work / "2rf", work / "pairs_2rf", progress=progress)),
         ("distill", lambda: train_stage(config, work / "distill", "distill", pairs_dir=work / "pairs_2rf",
-                                        teacher_dir=work / "2rf", progress=progress), "distill"),
+                                        teacher_dir=work / "2rf", progress=progress)),
     ]
-    for name, run, kind in plan:
-        if kind is not None and _stage_done(config, work / name, kind):
-            log.info("stage %s is finished; skipping", name)
-            continue
+    for name, run in plan:
+        # A finished stage returns at once, once it has checked that its inputs (teacher
+        # checkpoint, pairs) are those it was made from; finished pair shards are kept.
         log.info("stage %s", name)
         run()
     return write_report(config, work)
@@ -247,9 +284,11 @@ def write_report(config, workdir: str | Path) -> dict[str, Any]:
     independent = float(flow.transport_cost(jnp.asarray(x0), jnp.asarray(
         dataset.reference(config.eval.num_samples, seed=1)["x1"])))
     claims = dict(_claims(results, metric), independent_coupling_transport_cost=independent)
-    checkpoint.write_json(out / "metrics.json", {"metric": metric, "stages": results, "claims": claims})
-    (out / "report.md").write_text(_report_markdown(config, results, metric, claims, pictures))
-    return {"metric": metric, "stages": results, "claims": claims}
+    real = evaluate.real_data_metrics(dataset)
+    report = {"metric": metric, "stages": results, "claims": claims, "real_data": real}
+    checkpoint.write_json(out / "metrics.json", report)
+    (out / "report.md").write_text(_report_markdown(config, results, metric, claims, pictures, real))
+    return report
 
 
 def _claims(results: dict, metric: str) -> dict[str, float]:
@@ -266,14 +305,22 @@ def _claims(results: dict, metric: str) -> dict[str, float]:
     }
 
 
-def _report_markdown(config, results, metric, claims, pictures) -> str:
-    extra = [k for k in ("confidence", "class_coverage") if k in results["1rf"]["steps"]["1"]]
+def _report_markdown(config, results, metric, claims, pictures, real: dict[str, float] | None = None) -> str:
+    real = real or {}
+    extra = [k for k in ("confidence", "class_coverage", "background_level") if k in results["1rf"]["steps"]["1"]]
     header = ["stage", "Euler steps", metric, *extra, "transport cost", "gap to finest", "straightness"]
     lines = [f"# rectflow report: {config.data.name}", "",
              "Each stage sampled from the same x0 (seed "
              f"{config.seed}, {config.eval.num_samples} samples). Straightness E∫‖(X1−X0)−v(X_t,t)‖²dt is "
-             "measured along the finest trajectory; the gap is E‖x1(N steps) − x1(finest)‖².", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+             "measured along the finest trajectory; the gap is E‖x1(N steps) − x1(finest)‖².", ""]
+    if "background_level" in extra:
+        lines += ["Background level: the mean grey level (0–16) of the samples, clipped to [-1, 1], in the "
+                  f"pixels blank in ≥ {evaluate.BLANK_SHARE:.0%} of the real images; the real data's own value "
+                  "is the first row.", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    if real:
+        cells = ["real data", "–", "–", *(f"{real[k]:.3f}" if k in real else "–" for k in extra), "–", "–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
     for label, name in REPORT_STAGES:
         for steps, row in sorted(results[name]["steps"].items(), key=lambda kv: int(kv[0])):
             cells = [label, steps, f"{row[metric]:.4g}", *(f"{row[k]:.3f}" for k in extra),

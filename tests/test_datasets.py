@@ -132,3 +132,12 @@ def test_cifar10_through_mock_tfds():
         reference = ds.reference(10, seed=0)
         assert reference["x1"].shape == (10, 32, 32, 3) and reference["label"].shape == (10,)
         assert_same(reference, ds.reference(10, seed=0))
+
+
+def test_source_spec_tells_sources_apart():
+    """Pairs and teachers compare these: equal text, equal pi0."""
+    spec = lambda **config: dataset(**config).source_spec
+    assert spec(name="moons") == spec(name="8gaussians") == "standard normal of shape (2,)"
+    assert spec(name="2gmm") != spec(name="moons") and "-5.0" in spec(name="2gmm")
+    assert spec(name="digits") != spec(name="digits", image_size=16)
+    assert spec(name="digits") == spec(name="digits", class_conditional=True)

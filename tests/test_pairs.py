@@ -36,8 +36,13 @@ def test_write_is_resumable_and_skips_finished_shards(tmp_path):
 
 def test_other_settings_in_same_directory_are_refused(tmp_path):
     pairs.write_pair_shards(tmp_path, make_shard_fn([]), 1, META, progress=False)
-    with pytest.raises(pairs.PairDataError, match="other settings .*num_pairs"):
+    with pytest.raises(pairs.PairDataError, match="other settings .*num_pairs: 40 -> 99"):
         pairs.write_pair_shards(tmp_path, make_shard_fn([]), 1, dict(META, num_pairs=99), progress=False)
+    # Notes (a teacher's path, which may move) are written but not compared.
+    noted = tmp_path / "noted"
+    pairs.write_pair_shards(noted, make_shard_fn([]), 1, META, notes={"where": "a"}, progress=False)
+    pairs.write_pair_shards(noted, make_shard_fn([]), 1, META, notes={"where": "b"}, progress=False)
+    assert pairs.inspect_pairs(noted)["where"] == "a"
 
 
 def test_reader_is_deterministic_and_resumes(tmp_path):

@@ -16,12 +16,14 @@ from rectflow_jax import checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def rectflow_pipeline(workdir):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+def rectflow_pipeline(workdir, *overrides):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", RECTFLOW_TRACEBACK="")
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "rectflow_jax.cli", "pipeline", "--quiet",
-                             f"--config={ROOT / 'configs' / 'toy_2gmm.py'}", f"--workdir={workdir}"],
+                             f"--config={ROOT / 'configs' / 'toy_2gmm.py'}", f"--workdir={workdir}", *overrides],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if overrides:
+        return result
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((workdir / "report" / "metrics.json").read_text()), time.perf_counter() - start
 
@@ -54,3 +56,11 @@ def test_toy_2gmm_pipeline_straightens_and_distills(tmp_path):
     assert {name: checkpoint.latest_step(tmp_path / name) for name in steps} == steps
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "pairs_2rf").glob("*.npz")) == shards
     assert again["claims"] == report["claims"]
+
+    # 1-RF trains on: the pairs it made at step 2000 are not its pairs any more, though
+    # every shard exists; the pipeline stops with one line rather than reflow on them.
+    longer = rectflow_pipeline(tmp_path, "--config.train.num_steps=2050")
+    errors = [line for line in longer.stderr.splitlines() if line.startswith("rectflow: error:")]
+    assert longer.returncode == 2 and len(errors) == 1, longer.stderr[-3000:]
+    assert "pairs_1rf" in errors[0] and "teacher_step: 2000 -> 2050" in errors[0]
+    assert checkpoint.latest_step(tmp_path / "1rf") == 2050

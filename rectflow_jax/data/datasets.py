@@ -2,6 +2,8 @@
 
 Every dataset is a `Dataset` made by `get_dataset(config.data)`:
   - `sample_source(key, n)`: n draws from pi0, pure JAX (jit-able, deterministic in key).
+  - `source_spec`: a description of pi0; equal strings mean equal distributions, so a
+    teacher's stored data config tells whether its source is this config's.
   - `batches(batch_size, seed, start_step=0, shard=(0, 1))`: an infinite iterator of
     {'x1': float32 (B, *shape), 'label': int32 (B,) when num_classes > 0}. Batch k depends
     only on (seed, k, shard), so `batches(B, seed, start_step=k)` resumes a run exactly.
@@ -55,6 +57,11 @@ class Dataset(abc.ABC):
         """n draws from pi0; a standard Gaussian unless a dataset says otherwise."""
         return jax.random.normal(key, (n, *self.shape), jnp.float32)
 
+    @property
+    def source_spec(self) -> str:
+        """pi0 in words; a dataset that overrides `sample_source` overrides this too."""
+        return f"standard normal of shape {tuple(self.shape)}"
+
     @abc.abstractmethod
     def batches(self, batch_size: int, seed: int, start_step: int = 0,
                 shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
@@ -74,9 +81,14 @@ class ToyDataset(Dataset):
 
     sample_data: Callable[[np.random.Generator, int], np.ndarray] = dataclasses.field(repr=False)
     source: Callable[[jax.Array, int], jax.Array] | None = dataclasses.field(default=None, repr=False)
+    source_description: str = ""  # what `source` draws, when it is set
 
     def sample_source(self, key: jax.Array, n: int) -> jax.Array:
         return super().sample_source(key, n) if self.source is None else self.source(key, n)
+
+    @property
+    def source_spec(self) -> str:
+        return super().source_spec if self.source is None else self.source_description
 
     def batches(self, batch_size: int, seed: int, start_step: int = 0,
                 shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
@@ -97,6 +109,10 @@ def _mixture_numpy(centres: np.ndarray, std: float) -> Callable[[np.random.Gener
         modes = rng.integers(len(centres), size=n)
         return centres[modes] + std * rng.standard_normal((n, centres.shape[1]))
     return sample
+
+
+def _mixture_spec(centres: np.ndarray, std: float) -> str:
+    return f"equal mixture of N(c, {std}^2 I) over c in {np.asarray(centres).tolist()}"
 
 
 def _mixture_jax(centres: np.ndarray, std: float) -> Callable[[jax.Array, int], jax.Array]:
@@ -124,7 +140,7 @@ def _two_gmm() -> ToyDataset:
     source = np.array([[-5.0, -5.0], [-5.0, 5.0]])
     data = np.array([[5.0, -5.0], [5.0, 5.0]])
     return ToyDataset("2gmm", (2,), 0, sample_data=_mixture_numpy(data, 0.5),
-                      source=_mixture_jax(source, 0.5))
+                      source=_mixture_jax(source, 0.5), source_description=_mixture_spec(source, 0.5))
 
 
 def _eight_gaussians(radius: float = 4.0, std: float = 0.5) -> ToyDataset:

@@ -30,26 +30,29 @@ def shard_name(index: int, num_shards: int) -> str:
 
 def write_pair_shards(out_dir: str | Path, make_shard: Callable[[int], Mapping[str, np.ndarray]],
                       num_shards: int, meta: Mapping[str, Any], *, shard_indices=None,
-                      progress: bool = True) -> list[Path]:
+                      notes: Mapping[str, Any] | None = None, progress: bool = True) -> list[Path]:
     """Writes shards `shard_indices` (default all) of a pair set; existing shards are kept.
 
     `make_shard(i)` must be deterministic in i (the caller folds i into its seed), so
     a resumed run writes exactly what an uninterrupted one would have. `meta` must
-    match what an earlier run wrote to the same directory.
+    match what an earlier run wrote to the same directory. `notes` go into pairs.json
+    too but are not compared (e.g. the teacher's path, which may move).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, num_shards=num_shards)
     meta_path = out / META_FILE
     if meta_path.exists():
-        previous = json.loads(meta_path.read_text())
-        if previous != json.loads(json.dumps(meta)):
-            changed = sorted(k for k in set(previous) | set(meta) if previous.get(k) != meta.get(k))
-            raise PairDataError(f"{str(out)!r} already holds pairs made with other settings ({', '.join(changed)}); "
+        previous = {k: v for k, v in json.loads(meta_path.read_text()).items() if k not in (notes or {})}
+        wanted = json.loads(json.dumps(meta))
+        if previous != wanted:
+            changed = [f"{k}: {previous.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(previous) | set(wanted))
+                       if previous.get(k) != wanted.get(k)]
+            raise PairDataError(f"{str(out)!r} already holds pairs made with other settings ({'; '.join(changed)}); "
                                 "use a new directory or remove it")
     else:
         tmp = meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        tmp.write_text(json.dumps(dict(notes or {}, **meta), indent=2, sort_keys=True))
         os.replace(tmp, meta_path)
     indices = range(num_shards) if shard_indices is None else shard_indices
     todo = [i for i in indices if not (out / shard_name(i, num_shards)).exists()]
