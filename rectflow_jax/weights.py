@@ -41,6 +41,36 @@ class WeightLoadError(ValueError):
     """A pretrained folder could not be read into (or written from) Flax params."""
 
 
+class UnsupportedConfigError(WeightLoadError, NotImplementedError):
+    """A model config sets a key this port does not implement (also a NotImplementedError:
+    the value is valid for diffusers/transformers, the port lacks the feature)."""
+
+
+def _comparable(value: Any) -> Any:
+    return tuple(_comparable(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def check_config(model: str, config: Mapping[str, Any], accepted: Iterable[str],
+                 only: Mapping[str, tuple]) -> None:
+    """Refuses every config key that the port would otherwise silently ignore.
+
+    Keys in `only` pass at the listed values; `accepted` keys at any value (implemented
+    ones, metadata, and keys that only reach features refused elsewhere); keys starting
+    with '_' are the libraries' own bookkeeping. Any other key is unknown to
+    the port: a newer library may give it a meaning, so it is refused too.
+    """
+    accepted = set(accepted)
+    for key, value in config.items():
+        if key in only:
+            if _comparable(value) not in only[key]:
+                allowed = " or ".join(repr(v) for v in only[key])
+                raise UnsupportedConfigError(f"{model} config {key}={value!r} is not supported (only {allowed})")
+        elif not (key.startswith("_") or key in accepted):
+            raise UnsupportedConfigError(
+                f"{model} config key {key}={value!r} is unknown to this port, which cannot tell whether it "
+                "changes the model; remove it from config.json if it does not")
+
+
 # ----------------------------------------------------------------------------- names
 
 
@@ -188,15 +218,18 @@ def params_from_state_dict(
     ignore: Iterable[str] = (),
     dtype: Any = np.float32,
     source: str = "checkpoint",
+    place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
 ) -> dict[str, Any]:
     """Fills a Flax param template (shapes, e.g. from jax.eval_shape) from a state dict.
 
     `ignore` lists regexes of PyTorch names that are not parameters (buffers such as
     CLIP's position_ids). Any mismatch raises one WeightLoadError naming every tensor.
+    `place(path, array)` turns each converted leaf into what is returned (e.g. a jax.Array
+    on a device); leaves are converted one at a time, after every name and shape checked.
     """
     flat_template = traverse_util.flatten_dict(template)
     ignore_patterns = [re.compile(p) for p in ignore]
-    used, missing, misshaped, flat_params = set(), [], [], {}
+    used, missing, misshaped, views = set(), [], [], {}
     for path, leaf in flat_template.items():
         name = torch_name(path)
         shape = tuple(leaf.shape)
@@ -208,7 +241,7 @@ def params_from_state_dict(
         if value.shape != shape:
             misshaped.append(f"{name} {tuple(state_dict[name].shape)} (expected {shape} in Flax layout)")
             continue
-        flat_params[path] = np.asarray(value, dtype=dtype)
+        views[path] = value
     unexpected = sorted(n for n in state_dict if n not in used and not any(p.search(n) for p in ignore_patterns))
     problems = []
     if missing:
@@ -219,6 +252,11 @@ def params_from_state_dict(
         problems.append(f"mis-shaped {len(misshaped)}: {', '.join(misshaped)}")
     if problems:
         raise WeightLoadError(f"{source} does not match the model: " + "; ".join(problems))
+    # One leaf at a time: at most one converted host copy exists beside the placed params.
+    flat_params = {}
+    for path in list(views):
+        value = np.asarray(views.pop(path), dtype=dtype)
+        flat_params[path] = value if place is None else place(path, value)
     return traverse_util.unflatten_dict(flat_params)
 
 
@@ -243,6 +281,41 @@ def save_pretrained(
     return out
 
 
+def placement(template: Mapping[str, Any], shardings: Any = None,
+              on_host: bool = False) -> Callable[[tuple[str, ...], np.ndarray], Any] | None:
+    """The `place` of params_from_state_dict for from_pretrained's `shardings` / `on_host`.
+
+    None: jax.Arrays on the default device. A Sharding: every leaf placed by it. A pytree
+    of Shardings shaped like the params (e.g. parallel.param_shardings): each leaf by its own.
+    """
+    if on_host:
+        if shardings is not None:
+            raise ValueError("on_host=True returns numpy arrays on the host; it takes no shardings")
+        return None
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        by_path = lambda path: shardings
+    else:
+        flat = traverse_util.flatten_dict(shardings)
+        wanted = set(traverse_util.flatten_dict(template))
+        if set(flat) != wanted:
+            odd = sorted("/".join(p) for p in set(flat) ^ wanted)
+            raise ValueError(f"shardings must mirror the params tree; these paths differ: {', '.join(odd[:5])}"
+                             + (f" and {len(odd) - 5} more" if len(odd) > 5 else ""))
+        bad = sorted("/".join(p) for p, s in flat.items() if not isinstance(s, jax.sharding.Sharding))
+        if bad:
+            raise ValueError(f"shardings must be jax.sharding.Sharding objects; not at {', '.join(bad[:5])}")
+        by_path = flat.__getitem__
+
+    def place(path: tuple[str, ...], value: np.ndarray) -> jax.Array:
+        # A private host copy of views into the memory-mapped file: on CPU, device_put would
+        # alias an aligned view, and the params would then change or fault with the file.
+        if not value.flags.owndata:
+            value = value.copy()
+        return jax.device_put(value, by_path(path))
+
+    return place
+
+
 def load_pretrained(
     folder: str | os.PathLike,
     subfolder: str | None,
@@ -253,12 +326,17 @@ def load_pretrained(
     rename: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
     allow_pickle: bool = False,
     dtype: Any = np.float32,
+    shardings: Any = None,
+    on_host: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """Shared body of every `from_pretrained`: config -> module, tensors -> params.
 
     `build(config)` returns the Flax module; `init_inputs(module)` returns example
     inputs for module.init (only their shapes matter: init is traced, not run);
-    `rename` maps legacy tensor names onto current ones.
+    `rename` maps legacy tensor names onto current ones. The params are jax.Arrays on
+    the default device, or placed by `shardings` (see `placement`); `on_host=True` gives
+    numpy arrays instead (views into the file where no conversion was needed), for
+    conversion work.
     """
     path = resolve_folder(folder, subfolder)
     module = build(read_config(path))
@@ -269,5 +347,5 @@ def load_pretrained(
     from flax import linen as nn
 
     template = nn.unbox(abstract)["params"]
-    params = params_from_state_dict(template, state, ignore=ignore, dtype=dtype, source=str(path))
-    return module, params
+    return module, params_from_state_dict(template, state, ignore=ignore, dtype=dtype, source=str(path),
+                                          place=placement(template, shardings, on_host))

@@ -136,9 +136,19 @@ def test_legacy_position_ids_buffer_ignored(tiny, tmp_path):
 def test_bf16_compute_close(tiny):
     model, folder = tiny
     clip, params = CLIPTextModel.from_pretrained(folder, dtype=jnp.bfloat16)
-    assert jax.tree.leaves(params)[0].dtype == np.float32  # storage stays float32
     ids = prompt_ids(TINY)
     assert rel_err(jitted(clip)(params, ids), torch_hidden(model, ids)) <= 5e-2
+
+
+def test_storage_dtype_is_param_dtype(tiny):
+    _, folder = tiny
+    dtypes = lambda tree: {leaf.dtype for leaf in jax.tree.leaves(tree)}
+    for dtype, param_dtype in ((jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16)):
+        clip, params = CLIPTextModel.from_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
+        assert clip.dtype == dtype and dtypes(params) == {jnp.dtype(param_dtype)}
+    clip = CLIPTextModel.from_config(TINY, dtype=jnp.bfloat16)
+    assert dtypes(jax.eval_shape(lambda: clip.init(jax.random.key(0), *clip.dummy_inputs()))) == {
+        jnp.dtype(jnp.float32)}
 
 
 def test_misshaped_tensor_names_it(tiny, tmp_path):

@@ -94,3 +94,35 @@ def test_conv_module_keeps_flax_conv_parameters():
     unboxed = nn.meta.unbox(params)
     np.testing.assert_allclose(np.asarray(ours.apply({"params": params}, x)),
                                np.asarray(flax_conv.apply({"params": unboxed}, x)), atol=1e-5)
+
+
+def attention_dtypes_seen(monkeypatch, dtype, upcast):
+    """The dtypes of q, k, v that reach the attention kernel, and of the output."""
+    seen = []
+    kernel = jax.nn.dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append({a.dtype for a in (q, k, v)})
+        return kernel(q, k, v, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    q, k, v = qkv(8, 16, 12, dtype=dtype)
+    out = jax.eval_shape(lambda *a: layers.multi_head_attention(*a, 3, upcast=upcast), q, k, v)
+    return seen, out.dtype
+
+
+@pytest.mark.parametrize("dtype, upcast, inner", [
+    (jnp.float16, True, jnp.float32),    # the only case where upcasting buys range
+    (jnp.float16, False, jnp.float16),
+    (jnp.bfloat16, True, jnp.bfloat16),  # float32's range already: stays eligible for fused kernels
+    (jnp.float32, True, jnp.float32),
+])
+def test_upcast_attention_only_upcasts_float16(monkeypatch, dtype, upcast, inner):
+    seen, out_dtype = attention_dtypes_seen(monkeypatch, dtype, upcast)
+    assert seen == [{jnp.dtype(inner)}] and out_dtype == dtype
+
+
+def test_upcast_attention_float32_unchanged():
+    q, k, v = qkv(8, 16, 12)
+    attend = jax.jit(layers.multi_head_attention, static_argnums=3, static_argnames="upcast")
+    np.testing.assert_array_equal(np.asarray(attend(q, k, v, 3, upcast=True)), np.asarray(attend(q, k, v, 3)))

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,7 +171,6 @@ def test_legacy_attention_names_load(tiny, tmp_path):
 def test_bf16_compute_close(tiny):
     model, folder = tiny
     vae, params = AutoencoderKL.from_pretrained(folder, dtype=jnp.bfloat16)
-    assert jax.tree.leaves(params)[0].dtype == np.float32  # storage stays float32
     x = images((2, 32, 32, 3))
     mean, logvar, recon = torch_reference(model, x)
     posterior = encode(vae, params, x)
@@ -178,6 +178,42 @@ def test_bf16_compute_close(tiny):
     assert rel_err(posterior.mean, mean) <= 5e-2
     assert rel_err(posterior.logvar, logvar) <= 5e-2
     assert rel_err(decode(vae, params, mean), recon) <= 5e-2
+
+
+def test_storage_dtype_is_param_dtype(tiny):
+    _, folder = tiny
+    dtypes = lambda tree: {leaf.dtype for leaf in jax.tree.leaves(tree)}
+    for dtype, param_dtype in ((jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16)):
+        vae, params = AutoencoderKL.from_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
+        assert vae.dtype == dtype and dtypes(params) == {jnp.dtype(param_dtype)}
+    vae = AutoencoderKL.from_config(TINY, dtype=jnp.bfloat16)
+    assert dtypes(jax.eval_shape(lambda: vae.init(jax.random.key(0), *vae.dummy_inputs()))) == {
+        jnp.dtype(jnp.float32)}
+
+
+def test_scaling_factor_is_read_and_exported(tmp_path):
+    cfg = {**TINY, "scaling_factor": 0.13025}  # SDXL's: anything but the 0.18215 default
+    torch_vae(cfg).save_pretrained(tmp_path / "vae", safe_serialization=True)
+    vae, params = AutoencoderKL.from_pretrained(tmp_path)
+    assert vae.scaling_factor == 0.13025
+    vae.clone(scaling_factor=0.5).save_pretrained(params, tmp_path / "export")
+    assert diffusers.AutoencoderKL.from_pretrained(tmp_path / "export").config.scaling_factor == 0.5
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_force_upcast_computes_float16_in_float32(force_upcast):
+    # One level and no attention block (XLA:CPU rejects jax.nn.dot_product_attention's float16 matmul).
+    cfg = dict(block_out_channels=(16,), norm_num_groups=4, mid_block_add_attention=False)
+    full = AutoencoderKL.from_config(cfg)
+    half = AutoencoderKL.from_config({**cfg, "force_upcast": force_upcast}, dtype=jnp.float16)
+    rng = np.random.default_rng(2)
+    shapes = jax.eval_shape(lambda: full.init(jax.random.key(0), *full.dummy_inputs()))["params"]
+    params = jax.tree.map(lambda a: rng.normal(0.0, 0.1, a.shape).astype(np.float32), nn.unbox(shapes))
+    z = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    if force_upcast:  # diffusers' default: float32 whatever the float16 request
+        np.testing.assert_array_equal(decode(half, params, z), decode(full, params, z))
+    else:
+        assert 0 < rel_err(decode(half, params, z), decode(full, params, z)) <= 5e-2
 
 
 def test_sample_and_reconstruction(tiny):

@@ -108,9 +108,31 @@ class CLIPEncoder(nn.Module):
         return x
 
 
-# Config keys that become module fields; anything else is kept verbatim in `config_json`.
+# Config keys that become module fields; the whole config is kept verbatim in `config_json`.
 _FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
            "max_position_embeddings", "hidden_act", "layer_norm_eps")
+# Keys transformers' CLIPTextModel never reads on the way to last_hidden_state: the token
+# ids (tokenizer and pooled output), projection_dim (CLIPTextModelWithProjection), torch
+# init scales, and the generic PretrainedConfig keys of transformers 5 and 4 (output
+# flags, storage dtype, chunking, which does not change the maths, generation settings).
+_METADATA = (
+    "projection_dim", "initializer_range", "initializer_factor", "bos_token_id", "eos_token_id", "pad_token_id",
+    "transformers_version", "architectures", "output_hidden_states", "output_attentions", "return_dict", "dtype",
+    "torch_dtype", "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "num_labels",
+    "problem_type", "name_or_path", "torchscript", "use_bfloat16", "tf_legacy_loss", "tie_word_embeddings",
+    "is_decoder", "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder",
+    "gradient_checkpointing", "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
+    "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "finetuning_task", "task_specific_params", "tokenizer_class", "prefix",
+    "sep_token_id", "decoder_start_token_id",
+)
+# Supported only at these values: the port has no dropout and no pruned heads, and reads a
+# text encoder's config, not a whole CLIP model's (model_type 'clip' nests it in text_config).
+_ONLY = {"hidden_act": tuple(ACTIVATIONS), "attention_dropout": (0,), "dropout": (0,), "pruned_heads": ({},),
+         "model_type": ("clip_text_model",)}
 
 
 class CLIPTextModel(nn.Module):
@@ -158,10 +180,11 @@ class CLIPTextModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], **kwargs) -> "CLIPTextModel":
-        """Module from a transformers CLIPTextConfig dict; kwargs set dtype / param_dtype."""
-        if config.get("hidden_act", cls.hidden_act) not in ACTIVATIONS:
-            raise NotImplementedError(f"CLIP config hidden_act={config['hidden_act']!r} is not supported "
-                                      f"(only {sorted(ACTIVATIONS)})")
+        """Module from a transformers CLIPTextConfig dict; kwargs set dtype / param_dtype.
+
+        A key the port does not implement raises weights.UnsupportedConfigError naming it.
+        """
+        weights.check_config("CLIP text", config, _FIELDS + _METADATA, _ONLY)
         fields = {k: config[k] for k in _FIELDS if k in config}
         return cls(**fields, config_json=json.dumps(config, sort_keys=True), **kwargs)
 
@@ -170,13 +193,17 @@ class CLIPTextModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, subfolder: str | None = "text_encoder", *,
-                        dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                        allow_pickle: bool = False) -> tuple["CLIPTextModel", dict]:
-        """(module, params) from a transformers folder, tensors with or without the text_model. prefix."""
+                        dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, allow_pickle: bool = False,
+                        shardings: Any = None, on_host: bool = False) -> tuple["CLIPTextModel", dict]:
+        """(module, params) from a transformers folder, tensors with or without the text_model. prefix.
+
+        Params are jax.Arrays in `param_dtype` on the default device, or placed by
+        `shardings` (one Sharding, or a tree of them like the params); numpy if `on_host`.
+        """
         build = lambda config: cls.from_config(config, dtype=dtype, param_dtype=param_dtype)
         return weights.load_pretrained(folder, subfolder, build, lambda module: module.dummy_inputs(),
                                        ignore=[r"position_ids$"], rename=strip_prefix, allow_pickle=allow_pickle,
-                                       dtype=param_dtype)
+                                       dtype=param_dtype, shardings=shardings, on_host=on_host)
 
     def save_pretrained(self, params: dict, folder: str | os.PathLike) -> Path:
         """Writes config.json and model.safetensors (prefixed names) that transformers loads."""

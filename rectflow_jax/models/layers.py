@@ -143,11 +143,13 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: in
     On GPUs it goes through jax.nn.dot_product_attention, and half-precision inputs with
     supported head widths use the fused cuDNN kernel (JAX's default picks the plain XLA
     path). On CPU, unmasked attention over more than one key tile is computed tile by
-    tile (`tiled_attention`). `upcast` computes in float32 (the SD 2.x
-    `upcast_attention` flag) and casts back.
+    tile (`tiled_attention`). `upcast` (the SD 2.x `upcast_attention` flag) computes
+    float16 attention in float32 and casts back. Other dtypes are left alone: both paths
+    already take logits and softmax in float32, and in bfloat16 (float32's range) casting
+    q, k, v would only turn off the fused kernel.
     """
     out_dtype = q.dtype
-    if upcast:
+    if upcast and q.dtype == jnp.float16:
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
     b, lq, width = q.shape
     head_dim = width // num_heads

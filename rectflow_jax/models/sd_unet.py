@@ -11,7 +11,8 @@ Call: `module.apply({'params': p}, sample, timesteps, encoder_hidden_states)` wi
 The module's fields are the diffusers config keys it implements, under their diffusers
 names and meanings; `config_json` keeps the whole config.json it was built from (a string,
 so the module stays hashable) and `module.config` gives it back with the fields laid over.
-Config features outside SD 1.x / 2.x raise NotImplementedError naming the key.
+Config features outside SD 1.x / 2.x, and keys the port does not know, raise
+weights.UnsupportedConfigError (a NotImplementedError too) naming the key.
 """
 
 from __future__ import annotations
@@ -41,10 +42,9 @@ CONFIG_KEYS = (
     "transformer_layers_per_block", "attention_head_dim", "num_attention_heads", "use_linear_projection",
     "upcast_attention", "conv_in_kernel", "conv_out_kernel",
 )
-# Keys whose other values select features this port does not implement. Keys that only
-# reach block types refused below (resnet_skip_time_act, resnet_out_scale_factor, ...) are ignored.
+# Keys supported only at these values (the diffusers default, or equivalents).
 _ONLY = {
-    "act_fn": ("silu", "swish"), "dropout": (0, 0.0), "dual_cross_attention": (False,),
+    "act_fn": ("silu", "swish"), "dropout": (0,), "dual_cross_attention": (False,),
     "class_embed_type": (None,), "num_class_embeds": (None,), "addition_embed_type": (None,),
     "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,), "time_embedding_type": ("positional",),
     "time_embedding_dim": (None,), "time_embedding_act_fn": (None,), "timestep_post_act": (None,),
@@ -52,6 +52,12 @@ _ONLY = {
     "class_embeddings_concat": (False,), "reverse_transformer_layers_per_block": (None,),
     "mid_block_type": ("UNetMidBlock2DCrossAttn", None),
 }
+# Keys diffusers passes only to blocks, embeddings and mid blocks refused here (Simple*,
+# ResnetDownsample, class / addition embeddings), so no value of theirs reaches a UNet
+# this port builds. only_cross_attention is checked per block in from_config.
+_INERT = ("resnet_skip_time_act", "resnet_out_scale_factor", "cross_attention_norm", "mid_block_only_cross_attention",
+          "addition_embed_type_num_heads", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+          "only_cross_attention")
 _DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # type -> has cross-attention
 _UP_BLOCKS = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 
@@ -309,21 +315,20 @@ class UNet2DConditionModel(nn.Module):
         """Module from a diffusers config dict; `kwargs` set dtype, param_dtype, remat."""
         config = dict(config)
         n = len(config.get("block_out_channels", cls.block_out_channels))
-        for key, allowed in _ONLY.items():
-            if key in config and config[key] not in allowed:
-                raise NotImplementedError(f"UNet config {key}={config[key]!r} is not supported (only {allowed})")
+        unsupported = weights.UnsupportedConfigError
+        weights.check_config("UNet", config, CONFIG_KEYS + _INERT, _ONLY)
         if "norm_num_groups" in config and config["norm_num_groups"] is None:
-            raise NotImplementedError("UNet config norm_num_groups=None is not supported")
+            raise unsupported("UNet config norm_num_groups=None is not supported")
         if any(_per_block(config.get("only_cross_attention", False), n)):
-            raise NotImplementedError("UNet config only_cross_attention=True is not supported")
+            raise unsupported("UNet config only_cross_attention=True is not supported")
         for key, known in (("down_block_types", _DOWN_BLOCKS), ("up_block_types", _UP_BLOCKS)):
             for kind in config.get(key, ()):
                 if kind not in known:
-                    raise NotImplementedError(f"UNet config {key} entry {kind!r} is not supported (only {list(known)})")
+                    raise unsupported(f"UNet config {key} entry {kind!r} is not supported (only {list(known)})")
         if len(set(_per_block(config.get("cross_attention_dim", 1280), n))) > 1:
-            raise NotImplementedError("UNet config cross_attention_dim differing per block is not supported")
+            raise unsupported("UNet config cross_attention_dim differing per block is not supported")
         if any(isinstance(v, (list, tuple)) for v in _per_block(config.get("transformer_layers_per_block", 1), n)):
-            raise NotImplementedError("UNet config transformer_layers_per_block nested per layer is not supported")
+            raise unsupported("UNet config transformer_layers_per_block nested per layer is not supported")
         fields = {k: _tuples(config[k]) for k in CONFIG_KEYS if k in config}
         return cls(**fields, config_json=json.dumps(config, sort_keys=True), **kwargs)
 
@@ -342,12 +347,17 @@ class UNet2DConditionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, subfolder: str | None = "unet", *, dtype: Dtype = jnp.float32,
-                        param_dtype: Dtype = jnp.float32, remat: bool = False,
-                        allow_pickle: bool = False) -> tuple["UNet2DConditionModel", dict[str, Any]]:
-        """(module, params) from a diffusers folder; params are numpy arrays in `param_dtype`."""
+                        param_dtype: Dtype = jnp.float32, remat: bool = False, allow_pickle: bool = False,
+                        shardings: Any = None, on_host: bool = False) -> tuple["UNet2DConditionModel", dict[str, Any]]:
+        """(module, params) from a diffusers folder.
+
+        Params are jax.Arrays in `param_dtype` on the default device, or placed by
+        `shardings` (one Sharding, or a tree of them like the params); numpy if `on_host`.
+        """
         build = lambda config: cls.from_config(config, dtype=dtype, param_dtype=param_dtype, remat=remat)
         return weights.load_pretrained(folder, subfolder, build, lambda module: module.dummy_inputs(),
-                                       allow_pickle=allow_pickle, dtype=param_dtype)
+                                       allow_pickle=allow_pickle, dtype=param_dtype, shardings=shardings,
+                                       on_host=on_host)
 
     def save_pretrained(self, params: Mapping[str, Any], folder: str | Path) -> Path:
         """Writes config.json and diffusion_pytorch_model.safetensors that diffusers loads."""

@@ -145,9 +145,16 @@ class Decoder(nn.Module):
         return conv(self.out_channels, name="conv_out", **kw)(x)
 
 
-# Config keys that become module fields; anything else is kept verbatim in `config_json`.
+# Config keys that become module fields; the whole config is kept verbatim in `config_json`.
 _FIELDS = ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups", "in_channels",
-           "out_channels", "scaling_factor", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
+           "out_channels", "scaling_factor", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention",
+           "force_upcast")
+# sample_size only sizes diffusers' tiled decoding, which is off unless asked for; block
+# types are checked per level in from_config.
+_ACCEPTED = _FIELDS + ("sample_size", "down_block_types", "up_block_types")
+# The latent normalisation of SD3 / Flux / SDXL-style pipelines (latents * std / scaling + mean,
+# or / scaling + shift): SD 1.x / 2.x have none, and our pipelines apply only scaling_factor.
+_ONLY = {"act_fn": ("silu", "swish"), "shift_factor": (None, 0), "latents_mean": (None,), "latents_std": (None,)}
 
 
 class AutoencoderKL(nn.Module):
@@ -155,10 +162,12 @@ class AutoencoderKL(nn.Module):
 
     `config_json` holds the JSON text of the config the module was built from (linen
     fields must be hashable); `config` overlays the fields on it and is what
-    `save_pretrained` writes, so keys this port ignores (sample_size, force_upcast...)
-    survive an export. `dtype` is the compute dtype, `param_dtype` the storage dtype;
-    outputs are float32 whatever the compute dtype. Unsupported configs raise
-    NotImplementedError naming the key.
+    `save_pretrained` writes, so metadata keys (sample_size...) survive an export.
+    `dtype` is the compute dtype, `param_dtype` the storage dtype; outputs are float32
+    whatever the compute dtype. `force_upcast` (diffusers' default True) computes in
+    float32 when `dtype` is float16, as diffusers pipelines do before decoding: float16
+    activations overflow in some VAEs (SDXL's). Unsupported configs raise
+    weights.UnsupportedConfigError (a NotImplementedError too) naming the key.
     """
 
     block_out_channels: tuple[int, ...] = (64,)
@@ -171,12 +180,18 @@ class AutoencoderKL(nn.Module):
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    force_upcast: bool = True
     config_json: str = "{}"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    @property
+    def compute_dtype(self) -> Dtype:
+        """`dtype`, or float32 where force_upcast refuses float16."""
+        return jnp.float32 if self.force_upcast and jnp.dtype(self.dtype) == jnp.float16 else self.dtype
+
     def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.compute_dtype, param_dtype=self.param_dtype)
         arch = dict(block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,
                     groups=self.norm_num_groups, mid_block_add_attention=self.mid_block_add_attention, **kw)
         self.encoder = Encoder(out_channels=2 * self.latent_channels, **arch)
@@ -216,12 +231,11 @@ class AutoencoderKL(nn.Module):
     def from_config(cls, config: dict[str, Any], **kwargs) -> "AutoencoderKL":
         """Module from a diffusers config dict; kwargs set dtype / param_dtype."""
         n = len(config.get("block_out_channels", cls.block_out_channels))
-        supported = {"act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * n,
-                     "up_block_types": ["UpDecoderBlock2D"] * n}
-        for key, value in supported.items():
-            got = config.get(key, value)
-            if (list(got) if isinstance(value, list) else got) != value:
-                raise NotImplementedError(f"VAE config {key}={got!r} is not supported (only {value})")
+        weights.check_config("VAE", config, _ACCEPTED, _ONLY)
+        for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            if list(config.get(key, [kind] * n)) != [kind] * n:
+                raise weights.UnsupportedConfigError(f"VAE config {key}={config[key]!r} is not supported (only "
+                                                     f"{kind} at each of the {n} levels)")
         fields = {k: config[k] for k in _FIELDS if k in config}
         if "block_out_channels" in fields:
             fields["block_out_channels"] = tuple(fields["block_out_channels"])
@@ -234,11 +248,17 @@ class AutoencoderKL(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, subfolder: str | None = "vae", *, dtype: Dtype = jnp.float32,
-                        param_dtype: Dtype = jnp.float32, allow_pickle: bool = False) -> tuple["AutoencoderKL", dict]:
-        """(module, params) from a diffusers folder; legacy attention tensor names are accepted."""
+                        param_dtype: Dtype = jnp.float32, allow_pickle: bool = False, shardings: Any = None,
+                        on_host: bool = False) -> tuple["AutoencoderKL", dict]:
+        """(module, params) from a diffusers folder; legacy attention tensor names are accepted.
+
+        Params are jax.Arrays in `param_dtype` on the default device, or placed by
+        `shardings` (one Sharding, or a tree of them like the params); numpy if `on_host`.
+        """
         build = lambda config: cls.from_config(config, dtype=dtype, param_dtype=param_dtype)
         return weights.load_pretrained(folder, subfolder, build, lambda module: module.dummy_inputs(),
-                                       rename=rename_legacy_attention, allow_pickle=allow_pickle, dtype=param_dtype)
+                                       rename=rename_legacy_attention, allow_pickle=allow_pickle, dtype=param_dtype,
+                                       shardings=shardings, on_host=on_host)
 
     def save_pretrained(self, params: dict, folder: str | os.PathLike) -> Path:
         """Writes config.json and diffusion_pytorch_model.safetensors that diffusers loads."""
