@@ -1,16 +1,15 @@
-"""The `rectflow` command.
+"""The `rectflow` command: `rectflow <command> [flags]`; `rectflow <command> --help` for each.
 
-  rectflow train    --config C --workdir W [--pairs P --checkpoint T]   1-RF from data, k-RF from pairs
-  rectflow pairs    --config C --checkpoint STAGE --out P                reflow couplings
-  rectflow distill  --config C --checkpoint TEACHER --pairs P --workdir W
-  rectflow sample   --config C --checkpoint STAGE --out O               samples.npz + picture
-  rectflow sample   --pretrained FOLDER --prompt P [--prompts_file F] --out O
-                    [--config.sample.num_steps=N --config.sample.guidance_scale=S]
-                    [--interpolate_seeds=A,B --config.sample.num_frames=K]     text to PNGs (no --config needed)
-  rectflow eval     --config C --checkpoint STAGE [--out O]             metrics.json
-  rectflow pipeline --config C --workdir W                              1-RF -> 2-RF -> distill + report
+  train     1-RF from data, or k-RF (reflow) from a teacher's pairs
+  pairs     reflow couplings (x0, x1) from a stage's ODE
+  distill   a one-step student on a teacher's pairs
+  sample    samples of a stage, or text-to-image from a diffusers folder (2-RF, InstaFlow)
+  eval      a stage's metrics at several step counts
+  pipeline  1-RF -> pairs -> 2-RF -> pairs -> distill, and a report
 
-Any config value can be overridden: --config.train.num_steps=500.
+Any config value can be overridden: --config.train.num_steps=500. Bad input (a missing
+flag, a bad config value, a foreign folder) is one line on stderr and exit status 2;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -19,18 +18,18 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
+from typing import NamedTuple
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "pairs", "distill", "sample", "eval", "pipeline")
-
 _BASE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configlib.py")
 # Defaults to the base config so that `sample --pretrained` needs no config file.
 _CONFIG = config_flags.DEFINE_config_file("config", _BASE_CONFIG, "Experiment config file (configs/*.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Stage directory (train, distill) or pipeline root.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Stage directory to write (train, distill) or pipeline root.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A stage directory to read (teacher, sampler, eval).")
 _PAIRS = flags.DEFINE_string("pairs", None, "A pair directory written by `rectflow pairs`.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
@@ -45,7 +44,110 @@ _ALLOW_PICKLE = flags.DEFINE_bool("allow_pickle", False, "Read PyTorch .bin weig
 
 
 class UsageError(ValueError):
-    pass
+    """A command line that asks for something impossible (a missing flag, a missing file)."""
+
+
+class Command(NamedTuple):
+    summary: str
+    details: str
+    flags: tuple[str, ...]
+    settings: str  # the config keys that matter most to this command
+    examples: tuple[str, ...]
+
+
+_TOY, _DIGITS = "configs/toy_2gmm.py", "configs/digits.py"
+COMMANDS = {
+    "train": Command(
+        "train a flow: 1-RF from data, or k-RF (reflow) from a teacher's pairs",
+        "Without --pairs: 1-Rectified Flow on the config's data. With --pairs P --checkpoint T: reflow on the "
+        "pairs that T made, starting from T's parameters (config.stages.reflow). Rerunning resumes the run in "
+        "--workdir; a different run there is refused.",
+        ("config", "workdir", "pairs", "checkpoint", "quiet"),
+        "train.num_steps, train.batch_size, optim.*, flow.time_sampler, seed",
+        (f"rectflow train --config {_TOY} --workdir runs/toy/1rf",
+         f"rectflow train --config {_TOY} --workdir runs/toy/2rf --pairs runs/toy/pairs_1rf "
+         "--checkpoint runs/toy/1rf")),
+    "pairs": Command(
+        "reflow couplings: integrate a stage's ODE from fresh noise x0",
+        "Writes pair shards (x0, x1 = the teacher's ODE from x0) and pairs.json to --out.",
+        ("config", "checkpoint", "out", "quiet"),
+        "pairs.num_pairs, pairs.num_steps, pairs.method (euler | heun), pairs.batch_size",
+        (f"rectflow pairs --config {_TOY} --checkpoint runs/toy/1rf --out runs/toy/pairs_1rf",)),
+    "distill": Command(
+        "train a one-step student on a teacher's pairs",
+        "The student starts from the teacher --checkpoint and learns x0 -> x1 of --pairs in one step "
+        "(config.stages.distill).",
+        ("config", "workdir", "pairs", "checkpoint", "quiet"),
+        "train.num_steps, stages.distill.*",
+        (f"rectflow distill --config {_TOY} --workdir runs/toy/distill --pairs runs/toy/pairs_2rf "
+         "--checkpoint runs/toy/2rf",)),
+    "sample": Command(
+        "samples of a stage, or text-to-image from a diffusers folder",
+        "With --checkpoint: --out/samples.npz (float32 x0 and x1) and a picture. With --pretrained FOLDER (a 2-RF "
+        "or InstaFlow diffusers folder; no --config needed): one PNG per image, latents.npz and prompts.json. "
+        "A plain Stable Diffusion folder predicts noise and is refused unless "
+        "--config.sample.prediction_type=velocity vouches for its UNet.",
+        ("config", "checkpoint", "out", "pretrained", "prompt", "prompts_file", "interpolate_seeds",
+         "allow_pickle", "quiet"),
+        "sample.num_steps, sample.method (euler | heun), seed; text-to-image: sample.guidance_scale (applied "
+        "when > 1), sample.negative_prompt, sample.batch_size, sample.height, sample.width, sample.dtype "
+        "(float32 | bfloat16), sample.images_per_prompt, sample.num_frames, sample.prediction_type "
+        "(auto | velocity)",
+        (f"rectflow sample --config {_TOY} --checkpoint runs/toy/distill --out runs/toy/samples "
+         "--config.sample.num_steps=1",
+         'rectflow sample --pretrained instaflow_0_9B --prompt "a photograph of a snowy mountain" --out out '
+         "--config.sample.num_steps=1")),
+    "eval": Command(
+        "metrics of a stage at several step counts",
+        "Prints the metrics as JSON and, with --out, writes them to --out/metrics.json.",
+        ("config", "checkpoint", "out"),
+        "eval.num_samples, eval.steps, sample.method",
+        (f"rectflow eval --config {_DIGITS} --checkpoint runs/digits/distill --out runs/digits/eval",)),
+    "pipeline": Command(
+        "the whole recipe: 1-RF -> pairs -> 2-RF -> pairs -> distill, then a report",
+        "Stages go to W/1rf, W/2rf and W/distill, pairs to W/pairs_1rf and W/pairs_2rf, the report to "
+        "W/report/report.md. Rerunning resumes; finished stages are skipped.",
+        ("config", "workdir", "quiet"),
+        "every section; stages.reflow.* and stages.distill.* override the later stages",
+        (f"rectflow pipeline --config {_DIGITS} --workdir runs/digits",)),
+}
+_METAVARS = {"config": "FILE[:ARG]", "workdir": "DIR", "checkpoint": "DIR", "pairs": "DIR", "out": "DIR",
+             "pretrained": "FOLDER", "prompt": "TEXT", "prompts_file": "FILE", "interpolate_seeds": "A,B"}
+_HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
+
+
+def help_text(command: str | None = None) -> str:
+    """`rectflow --help` (the commands) or `rectflow <command> --help` (its flags and examples)."""
+    if command not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = ["usage: rectflow <command> [flags]", "",
+                 "Rectified Flow, reflow and one-step distillation in JAX (rectflow_jax).", "", "commands:"]
+        lines += [f"  {name:<{width}}  {c.summary}" for name, c in COMMANDS.items()]
+        lines += ["", "Each command reads --config FILE (configs/*.py) and takes overrides of any config",
+                  "value, e.g. --config.train.num_steps=500. Run `rectflow <command> --help` for its",
+                  "flags and examples (--helpfull lists every flag).", "", "example:",
+                  f"  rectflow pipeline --config {_TOY} --workdir runs/toy"]
+        return "\n".join(lines)
+    spec = COMMANDS[command]
+    # absl appends a note to a multi flag's help after ";\n": keep the sentence we wrote.
+    rows = [(f"--{name}" + (f" {_METAVARS[name]}" if name in _METAVARS else ""),
+             flags.FLAGS[name].help.split(";\n")[0]) for name in spec.flags]
+    rows.append(("--config.KEY=VALUE", "override a config value (see the config file; e.g. --config.seed=1)"))
+    width = max(len(left) for left, _ in rows)
+    wrap = lambda text, indent="": textwrap.fill(text, 100, subsequent_indent=indent)
+    lines = [f"usage: rectflow {command} [flags]", "", wrap(f"{spec.summary[0].upper()}{spec.summary[1:]}. "
+                                                             f"{spec.details}"), "", "flags:"]
+    lines += [wrap(f"  {left:<{width}}  {text}", " " * (width + 4)) for left, text in rows]
+    lines += ["", wrap(f"config values that matter most: {spec.settings}", "  "), "", "examples:"]
+    lines += [f"  {example}" for example in spec.examples]
+    return "\n".join(lines)
+
+
+def _help_request(args: list[str]) -> tuple[bool, str | None]:
+    """(whether the command line asks for help, the command it names if any)."""
+    words = [a for a in args if not a.startswith("-")]
+    asked = any(a in _HELP_FLAGS for a in args) or (bool(words) and words[0] == "help")
+    return asked, next((w for w in words if w in COMMANDS), None)
 
 
 def _need(flag, command: str):
@@ -55,9 +157,10 @@ def _need(flag, command: str):
 
 
 def run(command: str) -> None:
-    from rectflow_jax import parallel, pipeline
+    from rectflow_jax import configlib, parallel, pipeline
 
     config = _CONFIG.value
+    configlib.validate(config)
     if command == "sample" and _PRETRAINED.value:
         if _CHECKPOINT.value:
             raise UsageError("give `rectflow sample` either --checkpoint or --pretrained, not both")
@@ -69,6 +172,9 @@ def run(command: str) -> None:
     parallel.initialize_distributed(d.coordinator, d.num_processes, d.process_id)
     progress = not _QUIET.value
     if command == "train":
+        if _PAIRS.value and not _CHECKPOINT.value:
+            raise UsageError("`rectflow train --pairs P` trains a reflow stage from its teacher: give --checkpoint "
+                             "TEACHER_DIR too")
         kind = "reflow" if _PAIRS.value else "rf"
         pipeline.train_stage(config, _need(_WORKDIR, command), kind, pairs_dir=_PAIRS.value,
                              teacher_dir=_CHECKPOINT.value, progress=progress)
@@ -97,18 +203,25 @@ def run(command: str) -> None:
 
 
 def sample_pretrained(config, pretrained: str, out: str, progress: bool) -> None:
+    from rectflow_jax import sampling
     from rectflow_jax import text_to_image as t2i
 
     prompts = list(_PROMPT.value)
     if _PROMPTS_FILE.value:
-        prompts += [line.strip() for line in Path(_PROMPTS_FILE.value).read_text().splitlines() if line.strip()]
+        path = Path(_PROMPTS_FILE.value)
+        if not path.is_file():
+            raise UsageError(f"--prompts_file {str(path)!r} does not exist or is not a file")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
         raise UsageError("`rectflow sample --pretrained` needs --prompt or --prompts_file")
     cfg = config.sample
-    pipe = t2i.TextToImage.from_pretrained(pretrained, dtype=cfg.dtype, allow_pickle=_ALLOW_PICKLE.value)
-    common = dict(num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt,
-                  batch_size=cfg.batch_size, height=cfg.height, width=cfg.width, save_latents=cfg.save_latents,
-                  progress=progress)
+    sampling.check_method(cfg.method)  # before the minutes that loading takes
+    # config.sample.prediction_type joins the base config with this change; older configs lack it.
+    pipe = t2i.TextToImage.from_pretrained(pretrained, dtype=cfg.dtype, allow_pickle=_ALLOW_PICKLE.value,
+                                           prediction_type=cfg.prediction_type)
+    common = dict(num_steps=cfg.num_steps, method=cfg.method, guidance_scale=cfg.guidance_scale,
+                  negative_prompt=cfg.negative_prompt, batch_size=cfg.batch_size, height=cfg.height,
+                  width=cfg.width, save_latents=cfg.save_latents, progress=progress)
     if _INTERPOLATE.value:
         try:
             seeds = tuple(int(s) for s in _INTERPOLATE.value)
@@ -131,16 +244,31 @@ def _main(argv) -> None:
     ours.propagate = False
     commands = [a for a in argv[1:]]
     if len(commands) != 1 or commands[0] not in COMMANDS:
-        raise UsageError(f"give exactly one command of {', '.join(COMMANDS)} (got {' '.join(commands) or 'none'})")
+        raise UsageError(f"give exactly one command of {', '.join(COMMANDS)} (got {' '.join(commands) or 'none'}); "
+                         "rectflow --help lists them")
     run(commands[0])
 
 
-def main() -> None:
-    from rectflow_jax import checkpoint, teachers, train, weights
+def input_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean bad input or a run that cannot go on, each raised with a message for the user.
+
+    Everything else (a plain ValueError, KeyError, OSError...) is a bug until shown
+    otherwise and keeps its traceback.
+    """
+    from rectflow_jax import checkpoint, configlib, sampling, teachers, text_to_image, train, weights
     from rectflow_jax.data import pairs
 
-    expected = (UsageError, checkpoint.CheckpointError, pairs.PairDataError, teachers.IncompatibleTeacher,
-                train.TrainingDiverged, weights.WeightLoadError, ValueError, OSError)
+    return (UsageError, configlib.ConfigError, checkpoint.CheckpointError, pairs.PairDataError,
+            teachers.IncompatibleTeacher, train.TrainingDiverged, weights.WeightLoadError, sampling.SamplerError,
+            text_to_image.TextToImageError)
+
+
+def main() -> None:
+    asked, command = _help_request(sys.argv[1:])
+    if asked:  # absl's own --help prints only "USAGE: rectflow [flags]"
+        print(help_text(command))
+        sys.exit(0)
+    expected = input_errors()
     try:
         app.run(_main, flags_parser=_parse_flags)
     except expected as err:

@@ -21,7 +21,7 @@ REFLOW_INITS = ("teacher", "scratch")   # a reflow stage starts from its teacher
 
 
 class ConfigError(ValueError):
-    """A config value that is not one of its choices, or a key that does not exist."""
+    """A config value outside its choices or range, a key that does not exist, or stage inputs that are missing."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -84,8 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.method = "euler"             # euler | heun (sampling.STEPPERS)
     c.sample.batch_size = 1000            # text-to-image: min(this, number of images); SD wants ~8
     # Text-to-image (`rectflow sample --pretrained FOLDER`), see rectflow_jax/text_to_image.py.
-    c.sample.guidance_scale = 1.0         # 1: no classifier-free guidance (InstaFlow one-step)
-    c.sample.negative_prompt = ""         # the unconditional text when guidance_scale != 1
+    c.sample.guidance_scale = 1.0         # classifier-free guidance only when > 1 (0 or 1: none; InstaFlow one-step)
+    c.sample.negative_prompt = ""         # the unconditional text when guidance_scale > 1
+    c.sample.prediction_type = "auto"     # auto: velocity only for a RectifiedFlowPipeline folder | velocity
     c.sample.height = config_dict.placeholder(int)   # pixels; unset: unet sample_size * VAE factor
     c.sample.width = config_dict.placeholder(int)
     c.sample.dtype = "float32"            # compute and parameter dtype: float32 | bfloat16
@@ -145,7 +146,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
 
     Imported here, not at the top: configs import this module and need no JAX to load.
     """
-    from rectflow_jax import flow, models, sampling, train
+    from rectflow_jax import flow, models, sampling, text_to_image, train
     from rectflow_jax.data import datasets
 
     return {
@@ -157,6 +158,8 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "optim.ema_warmup": train.EMA_WARMUPS,
         "pairs.method": tuple(sorted(sampling.STEPPERS)),
         "sample.method": tuple(sorted(sampling.STEPPERS)),
+        "sample.prediction_type": text_to_image.PREDICTION_TYPES,
+        "sample.dtype": tuple(text_to_image.DTYPES),
     }
 
 

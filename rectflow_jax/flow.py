@@ -1,6 +1,6 @@
 """Rectified-flow objective: interpolant, time samplers, losses and flow diagnostics.
 
-Convention (DESIGN.md): t = 0 is the source X0 ~ pi0, t = 1 the data X1 ~ pi1,
+Convention (README, 'Conventions'): t = 0 is the source X0 ~ pi0, t = 1 the data X1 ~ pi1,
 X_t = t X1 + (1 - t) X0 and the target velocity is X1 - X0.
 """
 

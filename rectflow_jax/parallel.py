@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rectflow_jax.configlib import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -47,18 +49,18 @@ def make_mesh(mesh_config: Mapping[str, int] | None = None, devices: Sequence[An
     sizes = {axis: int((mesh_config or {}).get(axis, -1 if axis == "data" else 1)) for axis in MESH_AXES}
     unknown = set(mesh_config or {}) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
+        raise ConfigError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
     fixed = int(np.prod([s for s in sizes.values() if s != -1]))
     free = [a for a, s in sizes.items() if s == -1]
     if len(free) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {free}")
+        raise ConfigError(f"at most one mesh axis may be -1, got {free}")
     if free:
         if len(devices) % fixed:
-            raise ValueError(f"{len(devices)} devices cannot be split by fixed mesh axes of product {fixed}")
+            raise ConfigError(f"{len(devices)} devices cannot be split by fixed mesh axes of product {fixed}")
         sizes[free[0]] = len(devices) // fixed
     needed = int(np.prod(list(sizes.values())))
     if needed > len(devices) or (needed < len(devices) and jax.process_count() > 1):
-        raise ValueError(f"mesh {sizes} needs {needed} devices, have {len(devices)}")
+        raise ConfigError(f"mesh {sizes} needs {needed} devices, have {len(devices)}")
     # A fully specified smaller mesh on one host uses the first devices (e.g. data=1 to debug).
     grid = np.asarray(devices[:needed]).reshape([sizes[a] for a in MESH_AXES])
     return Mesh(grid, MESH_AXES)
@@ -109,7 +111,7 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     """Per-process batch size, after checking the global batch divides over the mesh."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch_size % shards:
-        raise ValueError(f"batch size {global_batch_size} is not divisible by the {shards} data shards of the mesh")
+        raise ConfigError(f"batch size {global_batch_size} is not divisible by the {shards} data shards of the mesh")
     if global_batch_size % jax.process_count():
-        raise ValueError(f"batch size {global_batch_size} is not divisible by {jax.process_count()} processes")
+        raise ConfigError(f"batch size {global_batch_size} is not divisible by {jax.process_count()} processes")
     return global_batch_size // jax.process_count()

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rectflow_jax import checkpoint, configlib, evaluate, flow, models, plots, sampling, teachers, train
+from rectflow_jax.configlib import ConfigError
 from rectflow_jax.data import datasets, pairs as pair_io
 
 log = logging.getLogger("rectflow")
@@ -86,10 +87,10 @@ def train_stage(config, stage_dir: str | Path, kind: str, *, name: str | None = 
     stage_dir = Path(stage_dir)
     dataset = datasets.get_dataset(stage_config.data)
     if kind != "rf" and pairs_dir is None:
-        raise ValueError(f"a {kind} stage trains on pairs: give --pairs DIR (made by `rectflow pairs`)")
+        raise ConfigError(f"a {kind} stage trains on pairs: give --pairs DIR (made by `rectflow pairs`)")
     init_from_teacher = kind == "distill" or (kind == "reflow" and config.stages.reflow.init == "teacher")
     if init_from_teacher and teacher_dir is None:
-        raise ValueError(f"a {kind} stage starts from its teacher's parameters: give --checkpoint TEACHER_DIR")
+        raise ConfigError(f"a {kind} stage starts from its teacher's parameters: give --checkpoint TEACHER_DIR")
 
     # What the stage is made from beyond its config: a resume over other inputs is refused.
     identity: dict[str, Any] = {"kind": kind}
@@ -145,7 +146,7 @@ def generate_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *, prog
     source = teacher.dataset  # pi0 as the teacher learnt it
     cfg = config.pairs
     if cfg.num_pairs < 1 or cfg.shard_size < 1 or cfg.batch_size < 1:
-        raise ValueError("pairs.num_pairs, pairs.shard_size and pairs.batch_size must be positive")
+        raise ConfigError("pairs.num_pairs, pairs.shard_size and pairs.batch_size must be positive")
     num_shards = math.ceil(cfg.num_pairs / cfg.shard_size)
     sampler = sampling.make_sampler(teacher.apply_velocity, cfg.num_steps, method=cfg.method)
     local = Mesh(np.asarray(jax.local_devices()), ("data",))

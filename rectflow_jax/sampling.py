@@ -16,6 +16,10 @@ import numpy as np
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+class SamplerError(ValueError):
+    """A sampler setting that cannot be honoured (an unknown method, no steps)."""
+
+
 class Solution(NamedTuple):
     x1: jax.Array
     trajectory: jax.Array | None  # (N+1, B, ...) states on the time grid
@@ -46,6 +50,14 @@ def _heun_step(velocity: VelocityFn, x, t, t_next):
 
 
 STEPPERS = {"euler": _euler_step, "heun": _heun_step}
+METHODS = tuple(sorted(STEPPERS))
+
+
+def check_method(method: str) -> str:
+    """`method` if it names one of our ODE steppers, else one clear SamplerError."""
+    if method not in STEPPERS:
+        raise SamplerError(f"unknown sampler method {method!r}; choose one of {', '.join(METHODS)}")
+    return method
 
 
 def integrate(velocity: VelocityFn, x0: jax.Array, num_steps: int | None = None, *,
@@ -57,11 +69,10 @@ def integrate(velocity: VelocityFn, x0: jax.Array, num_steps: int | None = None,
     (static) length of the grid. With return_trajectory the states and velocities are
     stacked by the scan.
     """
-    if method not in STEPPERS:
-        raise ValueError(f"unknown sampler {method!r}; choose one of {sorted(STEPPERS)}")
+    check_method(method)
     if times is None:
         if not num_steps or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+            raise SamplerError(f"num_steps must be a positive integer, got {num_steps!r}")
         times = uniform_grid(num_steps)
     times = jnp.asarray(times, jnp.float32)
     step = functools.partial(STEPPERS[method], velocity)
@@ -100,9 +111,20 @@ def make_sampler(apply_velocity: Callable, num_steps: int, *, method: str = "eul
     return sample
 
 
+def guidance_applies(scale: float) -> bool:
+    """Whether classifier-free guidance is applied at `scale`: only above 1.
+
+    As in diffusers' StableDiffusionPipeline and InstaFlow's RectifiedFlowPipeline
+    (`do_classifier_free_guidance = guidance_scale > 1.0`): any scale <= 1, 0 included,
+    samples the conditional model alone (InstaFlow's one-step model is run at 0).
+    """
+    return float(scale) > 1.0
+
+
 def classifier_free_guidance(velocity_cond: VelocityFn, velocity_uncond: VelocityFn,
                              scale: float) -> VelocityFn:
-    """v_u + s (v_c - v_u); scale 1 is the conditional model alone."""
+    """v_u + s (v_c - v_u); scale 1 is the conditional model alone. Callers decide
+    whether to guide at all with `guidance_applies`."""
 
     def guided(x, t):
         v_uncond = velocity_uncond(x, t)

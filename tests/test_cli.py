@@ -1,6 +1,8 @@
 """The `rectflow` command: its contract, and one clear line for each kind of bad input."""
 
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -27,6 +29,14 @@ def rectflow(*args, check=True, timeout=300):
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def console(*args, code="main()"):
+    """`rectflow ARGS` as the installed console script runs it (a __main__ without a docstring)."""
+    script = f"import sys; sys.argv[0] = 'rectflow'; from rectflow_jax.cli import main\n{code}"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", RECTFLOW_TRACEBACK="")
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=ROOT)
 
 
 def error_line(result):
@@ -140,3 +150,52 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     b = teachers.load_velocity_teacher(tmp_path / "straight")
     for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# What a user needs from each command's help: the flags it cannot run without, and more.
+NEEDED_FLAGS = {"train": ("--config", "--workdir", "--pairs", "--checkpoint"),
+                "pairs": ("--config", "--checkpoint", "--out"),
+                "distill": ("--config", "--workdir", "--pairs", "--checkpoint"),
+                "sample": ("--config", "--checkpoint", "--out", "--pretrained", "--prompt", "--prompts_file"),
+                "eval": ("--config", "--checkpoint"),
+                "pipeline": ("--config", "--workdir")}
+
+
+def test_help_lists_the_commands_and_each_commands_flags_and_examples():
+    general = console("--help")
+    assert general.returncode == 0 and "USAGE" not in general.stdout, general.stdout + general.stderr
+    for command in NEEDED_FLAGS:  # each listed with what it does
+        assert re.search(rf"^  {command} +\w", general.stdout, re.M), general.stdout
+    parse_only = "from absl import flags\nprint(*flags.FLAGS(sys.argv)[1:])"
+    for command, needed in NEEDED_FLAGS.items():
+        text = console(command, "--help").stdout
+        assert text.startswith(f"usage: rectflow {command} [flags]"), text
+        assert all(flag in text for flag in needed), (command, text)
+        examples = [line.strip() for line in text.split("examples:")[1].splitlines() if line.strip()]
+        assert examples and all(e.startswith(f"rectflow {command} ") for e in examples), text
+        for example in examples:  # each parses: real flags and config keys, an existing config file
+            parsed = console(*shlex.split(example)[1:], code=parse_only)
+            assert parsed.stdout.split() == [command], (example, parsed.stderr[-2000:])
+    assert console("help", "sample").stdout == console("sample", "-h").stdout
+
+
+def test_a_bug_keeps_its_traceback_and_bad_input_stays_one_line(tmp_path):
+    """A plain ValueError inside a command is a bug: the traceback shows. A project error is one line."""
+    argv = ["sample", f"--config={TOY}", f"--checkpoint={tmp_path}", f"--out={tmp_path}/o"]
+    raise_in_sample = "from rectflow_jax import pipeline\ndef sample(*args, **kwargs):\n    raise {}\n" \
+                      "pipeline.sample = sample\nmain()"
+    bug = console(*argv, code=raise_in_sample.format("ValueError('deliberate internal bug')"))
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "deliberate internal bug" in bug.stderr
+    assert "rectflow: error:" not in bug.stderr
+    known = console(*argv, code=raise_in_sample.format("checkpoint.CheckpointError('deliberate bad input')")
+                    .replace("import pipeline", "import checkpoint, pipeline"))
+    assert error_line(known) == "rectflow: error: deliberate bad input"
+
+
+def test_user_input_errors_are_one_line(tmp_path):
+    missing = error_line(rectflow("sample", f"--pretrained={tmp_path}", f"--prompts_file={tmp_path}/none.txt",
+                                  f"--out={tmp_path}/o", check=False))
+    assert "none.txt" in missing and "does not exist" in missing
+    reflow = error_line(rectflow("train", f"--config={TOY}", f"--workdir={tmp_path}/2rf", f"--pairs={tmp_path}",
+                                 check=False))
+    assert "--checkpoint" in reflow

@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rectflow_jax.configlib import ConfigError
+
 Batch = dict[str, np.ndarray]
 _TRAIN_STREAM, _REFERENCE_STREAM = 0, 1  # keeps reference draws apart from training batches
 
@@ -188,7 +190,7 @@ class ArrayDataset(Dataset):
 
     def reference(self, n: int, seed: int = 0) -> Batch:
         if n > len(self.images):
-            raise ValueError(f"{self.name} has only {len(self.images)} examples, asked for {n}")
+            raise ConfigError(f"{self.name} has only {len(self.images)} examples, asked for {n}")
         rng = np.random.default_rng((seed, _REFERENCE_STREAM, 0))
         return self._take(np.sort(rng.permutation(len(self.images))[:n]), with_labels=True)
 
@@ -221,7 +223,7 @@ def _digits_arrays(image_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _digits(image_size: int = 8, class_conditional: bool = False) -> ArrayDataset:
     if image_size < 8:
-        raise ValueError(f"digits image_size must be >= 8, got {image_size}")
+        raise ConfigError(f"digits image_size must be >= 8, got {image_size}")
     images, labels = _digits_arrays(int(image_size))
     return ArrayDataset("digits", images.shape[1:], 10 if class_conditional else 0,
                         images=images, labels=labels)
@@ -293,7 +295,7 @@ class TfdsImageDataset(Dataset):
         examples = self._load(self.reference_split)
         size = int(examples.cardinality())
         if n > size:
-            raise ValueError(f"{self.tfds_name}:{self.reference_split} has only {size} examples, asked for {n}")
+            raise ConfigError(f"{self.tfds_name}:{self.reference_split} has only {size} examples, asked for {n}")
         ds = examples.shuffle(size, seed=seed).take(n)
         ds = ds.map(lambda example: self._to_batch(example, example["image"], with_labels=True)).batch(n)
         return next(iter(tfds.as_numpy(ds)))
@@ -328,9 +330,9 @@ def get_dataset(data_config: Mapping[str, Any]) -> Dataset:
     options = dict(data_config)
     name = options.pop("name", None)
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {sorted(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; valid names: {sorted(DATASETS)}")
     valid = set(inspect.signature(DATASETS[name]).parameters)
     unknown = sorted(set(options) - valid)
     if unknown:
-        raise ValueError(f"unknown keys for dataset {name!r}: {unknown}; valid: {sorted(valid)}")
+        raise ConfigError(f"unknown keys for dataset {name!r}: {unknown}; valid: {sorted(valid)}")
     return DATASETS[name](**options)

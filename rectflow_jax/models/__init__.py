@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rectflow_jax.configlib import ConfigError
 from rectflow_jax.models.mlp import MLPVelocity
 from rectflow_jax.models.unet import UNet
 
@@ -36,15 +37,15 @@ def build_velocity_model(model_config: Mapping[str, Any], data_shape: tuple[int,
     config = dict(model_config)
     name = config.pop("name", None)
     if name not in MODELS:
-        raise ValueError(f"unknown model name {name!r}; valid names: {sorted(MODELS)}")
+        raise ConfigError(f"unknown model name {name!r}; valid names: {sorted(MODELS)}")
     cls = MODELS[name]
     unknown = sorted(set(config) - _module_fields(cls))
     if unknown:
-        raise ValueError(f"unknown keys for model {name!r}: {unknown}; valid: {sorted(_module_fields(cls))}")
+        raise ConfigError(f"unknown keys for model {name!r}: {unknown}; valid: {sorted(_module_fields(cls))}")
     if config.setdefault("num_classes", num_classes) != num_classes:
-        raise ValueError(f"model num_classes={config['num_classes']} but the data has {num_classes}")
+        raise ConfigError(f"model num_classes={config['num_classes']} but the data has {num_classes}")
     if len(data_shape) != _DATA_RANK[name]:
-        raise ValueError(f"model {name!r} needs data of rank {_DATA_RANK[name]}, got shape {data_shape}")
+        raise ConfigError(f"model {name!r} needs data of rank {_DATA_RANK[name]}, got shape {data_shape}")
     return cls(**{k: _field_value(v, k) for k, v in config.items()})
 
 
