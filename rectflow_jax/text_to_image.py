@@ -264,9 +264,6 @@ class TextToImage:
         if self.unet.in_channels != self.vae.latent_channels:
             raise WeightLoadError(f"the UNet takes {self.unet.in_channels} latent channels, the VAE has "
                                   f"{self.vae.latent_channels}")
-        shift = json.loads(self.vae.config_json).get("shift_factor")
-        if shift:
-            raise WeightLoadError(f"VAE config shift_factor={shift} is not supported (SD 1.x / 2.x have none)")
 
     # ------------------------------------------------------------------ sizes and inputs
 
