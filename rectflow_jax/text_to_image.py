@@ -221,11 +221,13 @@ class TextToImage:
         scheduler = read_scheduler_config(folder)
         check_velocity_folder(folder, index, scheduler, prediction_type)
         kind = compute_dtype(dtype)
+        mesh = mesh or parallel.make_mesh(devices=jax.local_devices())
         models, params = {}, {}
         for name, loader in LOADERS.items():
-            try:
+            try:  # placed where __init__ wants them: no second upload
                 models[name], params[name] = loader.from_pretrained(folder, name, dtype=kind, param_dtype=kind,
-                                                                      allow_pickle=allow_pickle)
+                                                                      allow_pickle=allow_pickle,
+                                                                      shardings=parallel.replicated(mesh))
             except NotImplementedError as err:
                 raise WeightLoadError(f"{str(resolve_folder(folder, name))!r}: {err}") from err
         pipeline_class = index.get("_class_name", "")

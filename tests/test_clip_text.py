@@ -13,6 +13,8 @@ import pytest
 from rectflow_jax import weights
 from rectflow_jax.models.clip_text import CLIPTextModel
 
+from storage_dtype import assert_storage_follows_param_dtype
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -142,13 +144,7 @@ def test_bf16_compute_close(tiny):
 
 def test_storage_dtype_is_param_dtype(tiny):
     _, folder = tiny
-    dtypes = lambda tree: {leaf.dtype for leaf in jax.tree.leaves(tree)}
-    for dtype, param_dtype in ((jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16)):
-        clip, params = CLIPTextModel.from_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
-        assert clip.dtype == dtype and dtypes(params) == {jnp.dtype(param_dtype)}
-    clip = CLIPTextModel.from_config(TINY, dtype=jnp.bfloat16)
-    assert dtypes(jax.eval_shape(lambda: clip.init(jax.random.key(0), *clip.dummy_inputs()))) == {
-        jnp.dtype(jnp.float32)}
+    assert_storage_follows_param_dtype(CLIPTextModel, folder, TINY)
 
 
 def test_misshaped_tensor_names_it(tiny, tmp_path):

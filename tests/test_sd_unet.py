@@ -17,6 +17,8 @@ diffusers = pytest.importorskip("diffusers")
 from rectflow_jax import weights  # noqa: E402
 from rectflow_jax.models.sd_unet import UNet2DConditionModel  # noqa: E402
 
+from storage_dtype import assert_storage_follows_param_dtype  # noqa: E402
+
 TINY = {
     # SD 1.x layout: conv proj_in/out, attention_head_dim = number of heads.
     "sd1": dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -190,13 +192,7 @@ def test_upcast_attention_follows_dtype(monkeypatch, name, dtype, inner):
 
 def test_storage_dtype_is_param_dtype(reference):
     folder, _, _ = reference("sd1")
-    dtypes = lambda tree: {leaf.dtype for leaf in jax.tree.leaves(tree)}
-    for dtype, param_dtype in ((jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16)):
-        module, params = UNet2DConditionModel.from_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
-        assert module.dtype == dtype and dtypes(params) == {jnp.dtype(param_dtype)}
-    module = UNet2DConditionModel.from_config(TINY["sd1"], dtype=jnp.bfloat16)
-    assert dtypes(jax.eval_shape(lambda: module.init(jax.random.key(0), *module.dummy_inputs()))) == {
-        jnp.dtype(jnp.float32)}
+    assert_storage_follows_param_dtype(UNet2DConditionModel, folder, TINY["sd1"])
 
 
 def test_scalar_timestep_broadcasts(reference):

@@ -14,6 +14,8 @@ import pytest
 from rectflow_jax import weights
 from rectflow_jax.models.vae import AutoencoderKL
 
+from storage_dtype import assert_storage_follows_param_dtype
+
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
@@ -182,13 +184,7 @@ def test_bf16_compute_close(tiny):
 
 def test_storage_dtype_is_param_dtype(tiny):
     _, folder = tiny
-    dtypes = lambda tree: {leaf.dtype for leaf in jax.tree.leaves(tree)}
-    for dtype, param_dtype in ((jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16)):
-        vae, params = AutoencoderKL.from_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
-        assert vae.dtype == dtype and dtypes(params) == {jnp.dtype(param_dtype)}
-    vae = AutoencoderKL.from_config(TINY, dtype=jnp.bfloat16)
-    assert dtypes(jax.eval_shape(lambda: vae.init(jax.random.key(0), *vae.dummy_inputs()))) == {
-        jnp.dtype(jnp.float32)}
+    assert_storage_follows_param_dtype(AutoencoderKL, folder, TINY)
 
 
 def test_scaling_factor_is_read_and_exported(tmp_path):
