@@ -15,6 +15,8 @@ setup(
         "absl-py",
         "tensorflow-cpu",
         "tensorflow-datasets",
+        "importlib_resources",  # tfds prepares datasets through it; newer etils no longer brings it
+        "pyarrow",  # parquet prompt files
         "tensorboard",
         "numpy",
         "pillow",

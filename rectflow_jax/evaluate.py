@@ -147,7 +147,7 @@ def primary_metric(dataset) -> str:
 
 
 def evaluate_velocity(apply_velocity: Callable, params: Any, dataset, x0: np.ndarray,
-                      labels: np.ndarray | None, steps=(1, 2, 4, 100), method: str = "euler",
+                      cond: dict[str, np.ndarray] | None, steps=(1, 2, 4, 100), method: str = "euler",
                       batch_size: int = 1000) -> dict[str, Any]:
     """Metrics of one stage at each Euler step count, all from the same x0.
 
@@ -163,7 +163,8 @@ def evaluate_velocity(apply_velocity: Callable, params: Any, dataset, x0: np.nda
         chunks, straight = [], []
         for start in range(0, len(x0), batch_size):
             sl = slice(start, start + batch_size)
-            sol = sampler(params, jnp.asarray(x0[sl]), None if labels is None else jnp.asarray(labels[sl]))
+            sol = sampler(params, jnp.asarray(x0[sl]), None if cond is None else
+                          {k: jnp.asarray(v[sl]) for k, v in cond.items()})
             chunks.append(np.asarray(sol.x1))
             if sol.trajectory is not None:
                 if paths is None:  # the first chunk's paths are enough to draw

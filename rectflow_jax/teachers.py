@@ -1,10 +1,17 @@
-"""Teachers: anything with a velocity field to integrate, loaded from a stage directory.
+"""Teachers: anything with a velocity field to integrate, behind one loader.
 
-A stage directory written by the train loop carries its model and data configs in
-the checkpoint metadata, so a later stage, the pair generator, the sampler and the
-evaluator rebuild the network from the checkpoint alone and read only its EMA params.
-A teacher whose output becomes another stage's input (pairs, a student's init) must
-be finished and carry a run hash: that checkpoint is then named by (run hash, step).
+- `VelocityTeacher`: a stage directory of ours (MLP, DDPM++ UNet). The checkpoint metadata
+  carries its model and data configs, so a later stage, the pair generator, the sampler
+  and the evaluator rebuild the network from the checkpoint alone and read only its
+  EMA params.
+- `SDTeacher`: a text-to-latent ODE with a Stable Diffusion UNet: a diffusers folder of
+  either kind (velocity: 2-RF, InstaFlow; diffusion: SD's epsilon / v-prediction, solved
+  by DDIM or DPM-Solver++ through rectflow_jax.diffusion), or a stage of ours trained
+  with model 'sd_unet'. `solve(params, x0, ids, negative_ids, scale, method=, num_steps=,
+  guided=)` is traceable: pairs, sampling and text-to-image jit it.
+`load_teacher(path)` tells them apart. A teacher whose output becomes another stage's
+input (pairs, a student's init) must be finished and traceable: a stage is named by
+(run hash, step), a folder by a fingerprint of its files.
 """
 
 from __future__ import annotations
@@ -14,10 +21,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from rectflow_jax import checkpoint, models, train
+from rectflow_jax import checkpoint, diffusion, models, sampling, sd_folder, train
 from rectflow_jax.data import datasets
+from rectflow_jax.models.clip_text import CLIPTextModel
+from rectflow_jax.models.sd_unet import UNet2DConditionModel
+from rectflow_jax.models.sd_velocity import SDVelocity
+from rectflow_jax.text_conditioner import TextConditioner
+from rectflow_jax.weights import WeightLoadError
+
+# The time grid each method integrates a diffusion UNet on: DDIM's own (diffusers'
+# DDIMScheduler), and DPM-Solver++'s (DPMSolverMultistepScheduler, to the data) for the others.
+DIFFUSION_GRIDS = {"ddim": "ddim", "dpm_solver++": "dpm_solver++", "euler": "dpm_solver++", "heun": "dpm_solver++"}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class IncompatibleTeacher(ValueError):
@@ -95,3 +115,143 @@ def load_velocity_teacher(stage_dir: str | Path, *, expected_shape: tuple[int, .
     model = models.build_velocity_model(meta["model"], shape, num_classes)
     params = checkpoint.restore_params(stage_dir, train.abstract_params(model, shape, num_classes))
     return VelocityTeacher(Path(stage_dir), model, params, shape, num_classes, meta, step)
+
+
+# ----------------------------------------------------------------------------- SD teachers
+
+
+@dataclasses.dataclass
+class SDTeacher:
+    unet: UNet2DConditionModel
+    text: TextConditioner
+    params: dict            # {'unet': ..., 'text_encoder': ...}
+    parametrisation: str    # 'velocity' or a diffusion prediction type (sd_folder.parametrisation)
+    scheduler_config: dict | None
+    pretrained: str         # the folder holding its VAE, text encoder and tokenizer
+    source: str             # what it was loaded from (a folder or a stage directory)
+    provenance: dict        # {'run_hash', 'step'}: a stage's checkpoint, or 'folder:<fingerprint>' and 0
+    kind: str               # 'folder' | 'stage'
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.sample_size
+        if size is None:
+            raise WeightLoadError(f"{self.source!r}: the UNet config has no sample_size; give the latent size")
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return int(h), int(w), int(self.unet.in_channels)
+
+    @property
+    def is_velocity(self) -> bool:
+        return self.parametrisation == "velocity"
+
+    def schedule(self, method: str) -> diffusion.Schedule | None:
+        """The diffusion schedule `method` integrates on (None for a velocity UNet)."""
+        sampling.check_method(method)
+        if self.is_velocity:
+            return None
+        return diffusion.schedule_for(self.scheduler_config, DIFFUSION_GRIDS[method],
+                                      where=f"{self.source}/scheduler/scheduler_config.json")
+
+    def time_grid(self, method: str, num_steps: int) -> np.ndarray:
+        """Our times (N + 1,): uniform on [0, 1] for a velocity UNet, the scheduler's otherwise."""
+        schedule = self.schedule(method)
+        if schedule is None:
+            if not num_steps or num_steps < 1:
+                raise sampling.SamplerError(f"num_steps must be a positive integer, got {num_steps!r}")
+            return np.linspace(0.0, 1.0, int(num_steps) + 1, dtype=np.float32)
+        try:
+            return diffusion.time_grid(schedule, num_steps)
+        except diffusion.ScheduleError as err:
+            raise sampling.SamplerError(str(err)) from None
+
+    def velocity(self, unet_params: Any, schedule: diffusion.Schedule | None, y: jax.Array, t: jax.Array,
+                 context: jax.Array) -> jax.Array:
+        """v(y, t | context) in our time; a diffusion UNet after the change of variables."""
+        if schedule is None:
+            return self.unet.apply({"params": unet_params}, y, (1.0 - t) * 1000.0, context)
+        x = diffusion.from_rf(y, t)
+        output = self.unet.apply({"params": unet_params}, x, diffusion.diffusion_timestep(schedule, t), context)
+        return diffusion.velocity_from_prediction(schedule.prediction_type, output, y, t)
+
+    def solve(self, params: Any, x0: jax.Array, ids: jax.Array, negative_ids: jax.Array, guidance_scale: jax.Array,
+              *, method: str, num_steps: int, guided: bool) -> jax.Array:
+        """Noise x0 (NHWC, N(0, I)) -> the final latent, as the folder's pipeline would make it.
+
+        With `guided` (callers decide by sampling.guidance_applies), v = v_u + s (v_c - v_u)
+        with the negative prompt's ids (1, L) as the unconditional text, both halves in
+        one UNet call; for a diffusion UNet that is guidance on its output, as in diffusers.
+        """
+        schedule = self.schedule(method)
+        times = jnp.asarray(self.time_grid(method, num_steps))
+        if guided:
+            text = self.text.encode(params["text_encoder"], jnp.concatenate([ids, negative_ids]))
+            context = jnp.concatenate([text[:-1], jnp.broadcast_to(text[-1:], text[:-1].shape)])
+        else:
+            context = self.text.encode(params["text_encoder"], ids)
+        field = lambda y, t: self.velocity(params["unet"], schedule, y, t, context)
+        if guided:
+            field = sampling.classifier_free_guidance_batched(field, guidance_scale)
+        start = x0 if schedule is None else diffusion.to_rf(x0, times[0])
+        end = sampling.integrate(field, start, method=method, times=times).x1
+        return end if schedule is None else diffusion.from_rf(end, times[-1])
+
+
+def load_sd_teacher(path: str | Path, *, dtype: str = "float32", prediction_type: str = "auto",
+                    allow_pickle: bool = False, shardings: Any = None, finished: bool = False) -> SDTeacher:
+    """An SD folder (either kind) or a stage trained with model 'sd_unet', as an SDTeacher.
+
+    `shardings`: where to place the params (a Sharding), e.g. replicated over a mesh.
+    """
+    if dtype not in DTYPES:
+        raise sampling.SamplerError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    kind = DTYPES[dtype]
+    if sd_folder.is_pipeline_folder(path):
+        index = sd_folder.read_model_index(path)
+        scheduler = sd_folder.read_scheduler_config(path)
+        parametrisation = sd_folder.parametrisation(path, index, scheduler, prediction_type)
+        unet, unet_params = UNet2DConditionModel.from_pretrained(path, "unet", dtype=kind, param_dtype=kind,
+                                                                 allow_pickle=allow_pickle, shardings=shardings)
+        provenance = {"run_hash": f"folder:{sd_folder.fingerprint(path)}", "step": 0}
+        pretrained, params, source_kind = str(path), {"unet": unet_params}, "folder"
+    else:
+        meta, step = checkpoint.read_meta(path)
+        if meta.get("model", {}).get("name") != "sd_unet":
+            raise IncompatibleTeacher(f"{str(path)!r} is a stage of model {meta.get('model', {}).get('name')!r}, "
+                                      "not a text-to-image model ('sd_unet')")
+        if finished:
+            finished_provenance(path, meta, step)
+        model_config = dict(meta["model"], dtype=dtype, param_dtype=dtype)
+        model = SDVelocity.from_model_config(model_config)
+        abstract = train.abstract_params(model, tuple(meta["shape"]), int(meta["num_classes"]))
+        if shardings is not None:
+            abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings),
+                                              abstract)
+        restored = checkpoint.restore_params(path, abstract)
+        unet, pretrained = model.unet, str(meta["model"]["pretrained"])
+        params = {"unet": jax.tree_util.tree_map(lambda a: jnp.asarray(a, kind), restored["unet"])}
+        scheduler, parametrisation, source_kind = sd_folder.read_scheduler_config(pretrained), "velocity", "stage"
+        provenance = {"run_hash": str(meta.get("run_hash", "")), "step": int(step)}
+    text_encoder, text_params = CLIPTextModel.from_pretrained(pretrained, "text_encoder", dtype=kind, param_dtype=kind,
+                                                              allow_pickle=allow_pickle, shardings=shardings)
+    params["text_encoder"] = text_params
+    text = TextConditioner(sd_folder.load_tokenizer(pretrained), text_encoder)
+    width, context = text_encoder.hidden_size, unet.cross_attention_dim
+    if (context if isinstance(context, int) else context[0]) != width:
+        raise WeightLoadError(f"{str(path)!r}: the UNet attends to {context}-wide text but the text encoder gives {width}")
+    return SDTeacher(unet, text, params, parametrisation, scheduler, pretrained, str(path), provenance, source_kind)
+
+
+def is_sd_teacher(path: str | Path) -> bool:
+    """Whether `path` is a diffusers folder or a stage of model 'sd_unet' (else: one of our velocity stages)."""
+    if sd_folder.is_pipeline_folder(path):
+        return True
+    meta, _ = checkpoint.read_meta(path)
+    return meta.get("model", {}).get("name") == "sd_unet"
+
+
+def teacher_provenance(path: str | Path) -> dict:
+    """{'run_hash', 'step'} naming a finished teacher: a stage's checkpoint or a folder's fingerprint."""
+    if sd_folder.is_pipeline_folder(path):
+        sd_folder.read_model_index(path)
+        return {"run_hash": f"folder:{sd_folder.fingerprint(path)}", "step": 0}
+    return finished_provenance(path)

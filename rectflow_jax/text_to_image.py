@@ -162,10 +162,7 @@ def to_uint8(images: jax.Array) -> jax.Array:
     return jnp.round(jnp.clip((images + 1.0) * 127.5, 0.0, 255.0)).astype(jnp.uint8)
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _noise(seeds: jax.Array, indices: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    draw = lambda seed, index: jax.random.normal(jax.random.fold_in(jax.random.key(seed), index), shape, jnp.float32)
-    return jax.vmap(draw)(seeds, indices)
+_noise = jax.jit(sampling.noise_from_seeds, static_argnums=2)
 
 
 def initial_noise(seeds: Sequence[int], indices: Sequence[int], latent_shape: tuple[int, ...]) -> np.ndarray:

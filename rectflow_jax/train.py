@@ -21,7 +21,7 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
-from rectflow_jax import checkpoint, configlib, flow, models, parallel
+from rectflow_jax import checkpoint, configlib, flow, models, parallel, sampling
 
 OBJECTIVES = ("flow", "distill")
 SCHEDULES = ("constant", "cosine")                  # optim.schedule, after the linear warm-up
@@ -95,48 +95,82 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def velocity_apply(model: nn.Module) -> Callable:
-    """(params, x, t, labels) -> v for samplers: the model in inference mode."""
-    return lambda params, x, t, labels=None: model.apply({"params": params}, x, t, labels, train=False)
+    """(params, x, t, cond) -> v for samplers: the model in inference mode.
+
+    `params` is the whole tree the model reads: a stage's (EMA) params with any frozen
+    parts (a text encoder) merged in.
+    """
+    return lambda params, x, t, cond=None: model.apply({"params": params}, x, t, cond, train=False)
+
+
+def drop_condition(key: jax.Array, cond: Mapping[str, jax.Array], null_cond: Mapping[str, Any],
+                   rate: float) -> dict[str, jax.Array]:
+    """Replaces each example's condition by the null one (the empty prompt, the null class) at `rate`,
+    so that classifier-free guidance works on what is trained."""
+    batch = jax.tree_util.tree_leaves(cond)[0].shape[0]
+    dropped = jax.random.bernoulli(key, rate, (batch,))
+
+    def pick(value, null):
+        null = jnp.broadcast_to(jnp.asarray(null, value.dtype), value.shape)
+        return jnp.where(dropped.reshape((batch,) + (1,) * (value.ndim - 1)), null, value)
+
+    return {k: pick(v, null_cond[k]) for k, v in cond.items()}
+
+
+LossFn = Callable[[jax.Array, jax.Array, Any], jax.Array]  # (pred, target, frozen params) -> (B,)
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, objective: str,
-                    loss_name: str, time_sampler: Callable, source_fn: Callable,
-                    ema_decay: Callable[[jax.Array], jax.Array]):
-    """The pure step (state, batch, key) -> (state, metrics); jit it with shardings.
+                    loss: LossFn, time_sampler: Callable, source_fn: Callable,
+                    ema_decay: Callable[[jax.Array], jax.Array], cond_dropout: float = 0.0,
+                    null_cond: Mapping[str, Any] | None = None):
+    """The pure step (state, batch, key, frozen) -> (state, metrics); jit it with shardings.
 
+    A batch holds x1, and optionally x0 (or the (noise_seed, noise_index) it is regenerated
+    from, `sampling.noise_from_seeds`) and condition keys (models.COND_KEYS). `frozen` are
+    params the model or loss reads but never trains (a text encoder, a VAE, LPIPS).
     `ema_decay(t)` is the decay of the t-th EMA update (ema_decay_schedule). metrics
     hold the loss (of the params before the update) and `finite`: whether the loss
     and the whole updated state are finite, so a diverged state is never saved.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
-    loss_of = flow.loss_fn(loss_name)
+    if cond_dropout and null_cond is None:
+        raise ValueError("condition dropout needs the null condition")
 
-    def train_step(state: TrainState, batch: Mapping[str, jax.Array], base_key: jax.Array):
+    def train_step(state: TrainState, batch: Mapping[str, jax.Array], base_key: jax.Array, frozen: Any = None):
         # Keys derive from the step, so a resumed run draws what an uninterrupted one would.
-        key_t, key_x0, key_dropout = jax.random.split(jax.random.fold_in(base_key, state.step), 3)
-        x1, labels = batch["x1"], batch.get("label")
-        x0 = batch["x0"] if "x0" in batch else source_fn(key_x0, x1.shape[0])
+        key_t, key_x0, key_dropout, key_cond = jax.random.split(jax.random.fold_in(base_key, state.step), 4)
+        x1, cond = batch["x1"].astype(jnp.float32), models.condition(batch)
+        if "x0" in batch:
+            x0 = batch["x0"].astype(jnp.float32)
+        elif "noise_seed" in batch:
+            x0 = sampling.noise_from_seeds(batch["noise_seed"], batch["noise_index"], x1.shape[1:])
+        else:
+            x0 = source_fn(key_x0, x1.shape[0])
+        if cond is not None and cond_dropout:
+            cond = drop_condition(key_cond, cond, null_cond, cond_dropout)
+        frozen = frozen or {}
 
         def compute_loss(params):
-            apply = lambda x, t: model.apply({"params": params}, x, t, labels, train=True,
-                                             rngs={"dropout": key_dropout})
+            variables = {"params": {**params, **{k: frozen[k] for k in models.frozen_keys(model)}}}
+            apply = lambda x, t: model.apply(variables, x, t, cond, train=True, rngs={"dropout": key_dropout})
             if objective == "distill":
                 pred, target = x0 + apply(x0, jnp.zeros((x0.shape[0],))), x1
             else:
                 t = time_sampler(key_t, x0.shape[0])
                 pred, target = apply(flow.interpolate(x0, x1, t), t), flow.target_velocity(x0, x1)
-            return jnp.mean(loss_of(pred.astype(jnp.float32), target.astype(jnp.float32)))
+            return jnp.mean(loss(pred.astype(jnp.float32), target.astype(jnp.float32), frozen))
 
-        loss, grads = jax.value_and_grad(compute_loss)(state.params)
+        loss_value, grads = jax.value_and_grad(compute_loss)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay(state.step.astype(jnp.float32))
         ema = jax.tree_util.tree_map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
                                      state.ema_params, params)
         new_state = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-        finite = jnp.isfinite(loss) & _all_finite((params, ema, opt_state))
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite}
+        finite = jnp.isfinite(loss_value) & _all_finite((params, ema, opt_state))
+        return new_state, {"loss": loss_value, "grad_norm": optax.tree.norm(grads), "finite": finite}
 
     return train_step
 
@@ -154,7 +188,12 @@ class Stage:
     batches: Callable[..., Iterator[dict]]  # (local batch size, seed, start step, shard=(index, count))
     init_params: Any = None         # a teacher's params, or None for a fresh init
     meta: dict = dataclasses.field(default_factory=dict)   # saved beside every checkpoint
-    sample_fn: Callable | None = None   # params -> image (H, W, 3) uint8 for TensorBoard
+    sample_fn: Callable | None = None   # params (frozen parts merged in) -> image (H, W, 3) uint8 for TensorBoard
+    # Params read but never trained: the model's frozen parts (models.frozen_keys) and what
+    # extra losses need (a VAE decoder, LPIPS); passed to every step, sharded by the rules.
+    frozen_params: dict = dataclasses.field(default_factory=dict)
+    extra_losses: dict = dataclasses.field(default_factory=dict)  # name -> LossFn beyond flow.LOSSES
+    null_cond: dict | None = None   # the condition that condition dropout substitutes (batch of 1)
     # Where the stage's inputs come from beyond the config (JSON values), e.g. {'kind':
     # 'reflow', 'teacher_run_hash': ...}: part of the run hash and of the random streams.
     identity: dict = dataclasses.field(default_factory=dict)
@@ -174,6 +213,39 @@ def abstract_params(model: nn.Module, shape, num_classes, mesh=None, rules=None)
     shardings = parallel.param_shardings(boxed, mesh, rules)
     return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                   shapes, shardings)
+
+
+def frozen_shardings(stage: Stage, mesh, rules) -> dict:
+    """The model's frozen parts sharded by the logical rules, like the params; loss models replicated."""
+    boxed = models.abstract_frozen_boxed(stage.model, tuple(stage.shape), stage.num_classes)
+    by_rules = parallel.param_shardings(boxed, mesh, rules) if boxed else {}
+    return {k: by_rules[k] if k in by_rules else jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), v)
+            for k, v in stage.frozen_params.items()}
+
+
+def plain_loss(name: str) -> LossFn:
+    """A loss of flow.LOSSES as a LossFn (it reads no frozen params)."""
+    plain = flow.loss_fn(name)
+    return lambda pred, target, frozen: plain(pred, target)
+
+
+def _loss(name: str, stage: Stage) -> LossFn:
+    if name in stage.extra_losses:
+        return stage.extra_losses[name]
+    if name not in flow.LOSSES:
+        raise configlib.ConfigError(f"loss {name!r} is not available to stage {stage.name} (it has "
+                                    f"{sorted(flow.LOSSES) + sorted(stage.extra_losses)})")
+    return plain_loss(name)
+
+
+def loss_schedule(config) -> list[tuple[int, str]]:
+    """[(first step, loss name), ...]: flow.loss, then flow.loss_switch.loss from flow.loss_switch.step
+    (InstaFlow's L2 first, then LPIPS)."""
+    schedule = [(0, config.flow.loss)]
+    switch = config.flow.get("loss_switch")
+    if switch and switch.get("loss"):
+        schedule.append((int(switch.step), switch.loss))
+    return schedule
 
 
 def _state_shardings(model, tx, stage: Stage, mesh, rules):
@@ -205,10 +277,16 @@ def run_definition(config, stage: Stage) -> dict[str, Any]:
     of the time samplers' arguments only the chosen one's count.
     """
     sampler = config.flow.time_sampler
+    flow_run = {"time_sampler": sampler, sampler: config.flow[sampler].to_dict(), "loss": config.flow.loss}
+    # Keys added after run hashes existed count only when set, so older runs keep their hash.
+    if config.flow.get("cond_dropout"):
+        flow_run["cond_dropout"] = config.flow.cond_dropout
+    if len(loss_schedule(config)) > 1:
+        flow_run["loss_switch"] = config.flow.loss_switch.to_dict()
     return checkpoint.jsonable({
         "seed": config.seed, "objective": stage.objective, "shape": list(stage.shape),
         "num_classes": stage.num_classes, "model": config.model.to_dict(), "data": config.data.to_dict(),
-        "flow": {"time_sampler": sampler, sampler: config.flow[sampler].to_dict(), "loss": config.flow.loss},
+        "flow": flow_run,
         "optim": config.optim.to_dict(), "train": {"batch_size": config.train.batch_size},
         "identity": stage.identity,
     })
@@ -246,7 +324,8 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
 
     def fresh_state(key, params):
         if params is None:
-            params = nn.unbox(stage.model.init(key, *models.example_inputs(stage.shape, stage.num_classes))["params"])
+            params = models.trainable(stage.model, nn.unbox(stage.model.init(
+                key, *models.example_inputs(stage.model, stage.shape, stage.num_classes))["params"]))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                           opt_state=tx.init(params))
 
@@ -271,14 +350,22 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
                     num_classes=stage.num_classes, model=config.model.to_dict(), data=config.data.to_dict(),
                     num_steps=num_steps, run=run, run_hash=run_hash, config=config.to_dict())
         sampler = config.flow.time_sampler
-        step_fn = jax.jit(
-            make_train_step(stage.model, tx, objective=stage.objective, loss_name=config.flow.loss,
+        frozen_sharding = frozen_shardings(stage, mesh, rules)
+        frozen = jax.device_put(stage.frozen_params, frozen_sharding)
+        compile_step = lambda loss_name: jax.jit(
+            make_train_step(stage.model, tx, objective=stage.objective, loss=_loss(loss_name, stage),
                             time_sampler=flow.time_sampler(sampler, **config.flow[sampler]),
                             source_fn=stage.source_fn,
-                            ema_decay=ema_decay_schedule(config.optim.ema_decay, config.optim.ema_warmup)),
-            in_shardings=(state_shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
+                            ema_decay=ema_decay_schedule(config.optim.ema_decay, config.optim.ema_warmup),
+                            cond_dropout=float(config.flow.get("cond_dropout", 0.0)), null_cond=stage.null_cond),
+            in_shardings=(state_shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh),
+                          frozen_sharding),
             out_shardings=(state_shardings, parallel.replicated(mesh)),
             donate_argnums=0)
+        schedule = loss_schedule(config)
+        step_fns = {name: compile_step(name) for _, name in schedule}
+        loss_at = lambda step: [name for first, name in schedule if step > first][-1]
+        with_frozen = lambda params: {**params, **{k: frozen[k] for k in models.frozen_keys(stage.model)}}
         writer = _summary_writer(stage_dir / "tensorboard")
         batches = stage.batches(local_batch, config.seed, start, shard=(jax.process_index(), jax.process_count()))
         pending: list[tuple[int, Any]] = []
@@ -287,7 +374,8 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
                    disable=not progress or jax.process_index() != 0)
         last_time, last_step = time.perf_counter(), start
         for step in range(start + 1, num_steps + 1):
-            state, metrics = step_fn(state, parallel.global_batch(next(batches), mesh), step_key)
+            state, metrics = step_fns[loss_at(step)](state, parallel.global_batch(next(batches), mesh), step_key,
+                                                     frozen)
             pending.append((step, metrics))
             log_now = step % config.train.log_every == 0 or step == num_steps
             save_now = step % config.train.checkpoint_every == 0 or step == num_steps
@@ -307,7 +395,7 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
             if writer and stage.sample_fn and (step == num_steps or (
                     config.train.sample_every and step % config.train.sample_every == 0)):
                 with writer.as_default(step=step):
-                    _write_image("samples", stage.sample_fn(state.ema_params))
+                    _write_image("samples", stage.sample_fn(with_frozen(state.ema_params)))
             bar.update(1)
         bar.close()
         return TrainResult(state, history)

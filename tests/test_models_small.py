@@ -33,12 +33,13 @@ def unet():
     """
     model = UNet(num_classes=10, **TINY_UNET)
     shapes = jax.eval_shape(model.init, KEY(0), jnp.zeros((1, *IMAGE_SHAPE)), jnp.zeros(1),
-                            jnp.zeros(1, jnp.int32))["params"]
+                            {"label": jnp.zeros(1, jnp.int32)})["params"]
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype),
                                     nn.unbox(shapes))
     forward = jax.jit(lambda x, t, labels, key, train: model.apply(
-        {"params": params}, x, t, labels, train=train, rngs={"dropout": key}), static_argnums=4)
+        {"params": params}, x, t, None if labels is None else {"label": labels}, train=train,
+        rngs={"dropout": key}), static_argnums=4)
     return model, params, forward
 
 
@@ -51,7 +52,7 @@ def image_inputs():
 def test_mlp_shapes_conditioning_and_axes():
     model = MLPVelocity(hidden=32, depth=2, time_embed_dim=16, num_classes=3)
     params = init_params(model, KEY(0), (2,), 3)
-    apply = jax.jit(lambda x, t, labels: model.apply({"params": params}, x, t, labels))
+    apply = jax.jit(lambda x, t, labels: model.apply({"params": params}, x, t, {"label": labels}))
     x, t = jax.random.normal(KEY(1), (5, 2)), jnp.linspace(0.0, 1.0, 5)
     zeros, ones = jnp.zeros(5, jnp.int32), jnp.ones(5, jnp.int32)
     v = apply(x, t, zeros)
@@ -96,9 +97,10 @@ def test_unet_dropout_only_in_train_mode(unet, image_inputs):
     eval_out = forward(*image_inputs, KEY(0), False)
     assert jnp.array_equal(eval_out, forward(*image_inputs, KEY(1), False))
     # Tracing is enough to show which mode asks for the 'dropout' rng.
-    jax.eval_shape(lambda: model.apply({"params": params}, *image_inputs))
+    x, t, labels = image_inputs
+    jax.eval_shape(lambda: model.apply({"params": params}, x, t, {"label": labels}))
     with pytest.raises(Exception, match="dropout"):
-        jax.eval_shape(lambda: model.apply({"params": params}, *image_inputs, train=True))
+        jax.eval_shape(lambda: model.apply({"params": params}, x, t, {"label": labels}, train=True))
     train_0, train_1 = (forward(*image_inputs, KEY(s), True) for s in (0, 1))
     assert not jnp.allclose(train_0, train_1) and not jnp.allclose(train_0, eval_out)
     assert jnp.array_equal(train_0, forward(*image_inputs, KEY(0), True))
@@ -132,7 +134,7 @@ def test_build_velocity_model_from_config():
     assert isinstance(model, UNet) and model.ch_mult == (1, 2) and model.num_classes == 10
     assert model.dtype == jnp.bfloat16
     x = jnp.zeros((2, *IMAGE_SHAPE))
-    v, variables = jax.eval_shape(lambda: model.init_with_output(KEY(0), x, jnp.zeros(2), jnp.zeros(2, int)))
+    v, variables = jax.eval_shape(lambda: model.init_with_output(KEY(0), x, jnp.zeros(2), {"label": jnp.zeros(2, int)}))
     assert v.dtype == jnp.float32 and v.shape == x.shape  # bf16 compute, float32 params and output
     assert {p.dtype for p in jax.tree_util.tree_leaves(nn.unbox(variables))} == {jnp.dtype(jnp.float32)}
     mlp = build_velocity_model(ml_collections.ConfigDict(dict(name="mlp", hidden=8)), (2,), 0)

@@ -167,9 +167,9 @@ def test_pair_x1_is_the_teachers_ode_from_x0(tmp_path):
     assert [len(s["x0"]) for s in shards] == [11, 2]
     for shard in shards:
         assert len(shard["x1"]) == len(shard["label"]) == len(shard["x0"])
-        expected = np.asarray(ode(teacher.params, shard["x0"], shard["label"]).x1)
+        expected = np.asarray(ode(teacher.params, shard["x0"], {"label": shard["label"]}).x1)
         np.testing.assert_allclose(shard["x1"], expected, rtol=1e-5, atol=1e-5)
     # The labels matter to this teacher, so the check above is also one of their alignment.
     first = shards[0]
-    shifted = np.asarray(ode(teacher.params, first["x0"], (first["label"] + 1) % 10).x1)
+    shifted = np.asarray(ode(teacher.params, first["x0"], {"label": (first["label"] + 1) % 10}).x1)
     assert np.abs(shifted - first["x1"]).max() > 1e-3

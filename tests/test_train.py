@@ -184,7 +184,7 @@ def test_ema_weight_left_on_the_init_after_300_steps(warmup, low, high):
     model = MLPVelocity(hidden=8, depth=1, time_embed_dim=8)
     params = jax.tree_util.tree_map(lambda a: jnp.ones(a.shape, a.dtype), train.abstract_params(model, (2,), 0))
     tx = _zeroing_optimizer()
-    step = jax.jit(train.make_train_step(model, tx, objective="flow", loss_name="l2",
+    step = jax.jit(train.make_train_step(model, tx, objective="flow", loss=train.plain_loss("l2"),
                                          time_sampler=lambda k, n: jnp.full((n,), 0.5),
                                          source_fn=lambda k, n: jnp.zeros((n, 2)),
                                          ema_decay=train.ema_decay_schedule(0.999, warmup)))
@@ -240,7 +240,7 @@ def test_distill_step_matches_the_loss_and_gradient_by_hand():
     x1 = x0 * 2.0 + 1.0
     lr = 0.05
     tx = optax.sgd(lr)
-    step = jax.jit(train.make_train_step(model, tx, objective="distill", loss_name="l2",
+    step = jax.jit(train.make_train_step(model, tx, objective="distill", loss=train.plain_loss("l2"),
                                          time_sampler=lambda k, n: jnp.full((n,), 0.7),  # unused by distill
                                          source_fn=lambda k, n: jnp.zeros((n, 2)),
                                          ema_decay=train.ema_decay_schedule(0.9, "none")))

@@ -12,7 +12,7 @@ Conv kernels are (H, W, in, out) -> (None, None, 'embed', 'mlp').
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -114,6 +114,13 @@ def embed(num_embeddings: int, features: int, *, dtype: Dtype = jnp.float32,
     return nn.Embed(
         num_embeddings, features, dtype=dtype, param_dtype=param_dtype, name=name,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+
+
+def class_labels(cond: Mapping[str, jax.Array] | None, batch: int, num_classes: int) -> jax.Array:
+    """cond['label'], or the null class `num_classes` (the extra embedding row) when absent."""
+    if cond is None or "label" not in cond:
+        return jnp.full((batch,), num_classes, jnp.int32)
+    return cond["label"]
 
 
 def sinusoidal_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool = False,

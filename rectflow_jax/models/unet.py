@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rectflow_jax.models.layers import (conv, dense, embed, group_norm, multi_head_attention,
+from rectflow_jax.models.layers import (class_labels, conv, dense, embed, group_norm, multi_head_attention,
                                         sinusoidal_embedding, upsample_nearest_2x)
 
 # Residual branches start at zero so each block begins as the identity (DDPM init).
@@ -77,7 +77,7 @@ class UNet(nn.Module):
     Defaults are the official Rectified Flow CIFAR-10 DDPM++ recipe. `attn_resolutions`
     lists the spatial sizes (H) at which attention follows each res block. With
     `num_classes` > 0 a class embedding is added to the time embedding; the table has one
-    extra row, index `num_classes`, meaning "no label" (used when `labels` is None, and
+    extra row, index `num_classes`, meaning "no label" (used when `cond` has no 'label', and
     for label dropout in classifier-free guidance training).
     """
 
@@ -105,7 +105,7 @@ class UNet(nn.Module):
         raise ValueError(f"embedding_type must be 'positional' or 'fourier', got {self.embedding_type!r}")
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, labels: jax.Array | None = None,
+    def __call__(self, x: jax.Array, t: jax.Array, cond: Mapping[str, jax.Array] | None = None,
                  train: bool = False) -> jax.Array:
         factor = 2 ** (len(self.ch_mult) - 1)
         if x.shape[1] % factor or x.shape[2] % factor:
@@ -119,9 +119,8 @@ class UNet(nn.Module):
         temb = dense(temb_dim, name="temb_0", **layer)(self._time_features(t))
         temb = dense(temb_dim, name="temb_1", **layer)(nn.silu(temb))
         if self.num_classes:
-            if labels is None:
-                labels = jnp.full(x.shape[:1], self.num_classes, jnp.int32)
-            temb = temb + embed(self.num_classes + 1, temb_dim, name="label_embed", **layer)(labels)
+            temb = temb + embed(self.num_classes + 1, temb_dim, name="label_embed", **layer)(
+                class_labels(cond, x.shape[0], self.num_classes))
 
         h = conv(self.ch, name="conv_in", **layer)(x.astype(self.dtype))
         skips = [h]

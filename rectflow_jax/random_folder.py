@@ -1,0 +1,314 @@
+"""A tiny Stable Diffusion pipeline folder with random weights, written without torch.
+
+What it is for: tests (parity with diffusers / transformers, loaders, the text-to-image
+sampler) and the tiny CPU text-to-image pipeline `configs/tiny_text_to_image.py`, which
+reads such a folder as its teacher with `--config.teacher.pretrained=DIR`. The folder is
+laid out as diffusers writes one and loads in `diffusers.StableDiffusionPipeline`,
+transformers' `CLIPTokenizer` / `CLIPTextModel` and our own loaders:
+
+    DIR/model_index.json                StableDiffusionPipeline or RectifiedFlowPipeline
+    DIR/unet/        config.json, diffusion_pytorch_model.safetensors
+    DIR/vae/         config.json, diffusion_pytorch_model.safetensors
+    DIR/text_encoder/config.json, model.safetensors
+    DIR/tokenizer/   vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
+    DIR/scheduler/   scheduler_config.json  (SD 1.5's PNDMScheduler settings)
+
+Command:
+
+    python -m rectflow_jax.random_folder --out DIR [--prediction_type epsilon|v_prediction]
+        [--kind stable_diffusion|rectified_flow] [--seed N]
+
+The models are our Flax ports built from small diffusers-style configs (a UNet at 8x8x4
+latents, a VAE mapping them to 16x16 RGB images, a 2-layer CLIP text encoder of width 32)
+and initialised with jax.random from `seed` as flax's default initialisers would (see
+`random_params`), except that the tensors those leave constant (biases at 0, norm scales
+at 1) get small noise, so that no wrong name or layout mapping hides behind a trivial
+tensor. The same seed gives byte-identical files.
+
+The tokenizer is a real CLIP byte-level BPE: the 256 byte symbols, each also with the
+end-of-word mark `</w>`, one whole-word token `word</w>` per word of the word list (the
+module's CAPTION_WORDS by default) with the merges that lead to it, then <|startoftext|> and
+<|endoftext|> (last two ids; <|endoftext|> also pads, as in SD). Any text tokenises;
+words of the list are one id each, others fall back to shorter pieces down to bytes.
+
+`kind` only names the pipeline in model_index.json: "stable_diffusion" (a noise or
+v-prediction SD model, `prediction_type` in the scheduler config) or "rectified_flow"
+(InstaFlow's RectifiedFlowPipeline, which our text-to-image sampler takes as a velocity
+model; the weights here are random either way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from rectflow_jax.models.clip_text import CLIPTextModel
+from rectflow_jax.models.sd_unet import UNet2DConditionModel
+from rectflow_jax.models.vae import AutoencoderKL
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+KINDS = ("stable_diffusion", "rectified_flow")
+PIPELINE_CLASSES = {"stable_diffusion": "StableDiffusionPipeline", "rectified_flow": "RectifiedFlowPipeline"}
+DIFFUSERS_VERSION = "0.21.4"  # written as the version that saved the folder (that of the released InstaFlow)
+PERTURBATION = 0.02  # std of the noise added to the tensors init leaves constant
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+EOW = "</w>"
+
+UNET_CONFIG: dict[str, Any] = {
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
+    "act_fn": "silu", "attention_head_dim": 2, "block_out_channels": [32, 64], "center_input_sample": False,
+    "cross_attention_dim": 32, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 1,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-5, "norm_num_groups": 8, "out_channels": 4, "sample_size": 8,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+}
+VAE_CONFIG: dict[str, Any] = {
+    "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
+    "act_fn": "silu", "block_out_channels": [32, 64], "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "in_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 8, "out_channels": 3,
+    "sample_size": 16, "scaling_factor": 0.18215, "up_block_types": ["UpDecoderBlock2D"] * 2,
+}
+# vocab_size and the bos / eos / pad ids are set from the tokenizer.
+CLIP_CONFIG: dict[str, Any] = {
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "attention_dropout": 0.0, "dropout": 0.0,
+    "hidden_act": "quick_gelu", "hidden_size": 32, "initializer_factor": 1.0, "initializer_range": 0.02,
+    "intermediate_size": 37, "layer_norm_eps": 1e-5, "max_position_embeddings": 77, "num_attention_heads": 4,
+    "num_hidden_layers": 2, "projection_dim": 32,
+}
+# SD 1.5's scheduler_config.json; prediction_type is set as asked.
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "PNDMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "trained_betas": None,
+}
+
+# Common caption words: each becomes one token (`word</w>`).
+CAPTION_WORDS: tuple[str, ...] = tuple("""
+a an the of in on at with and or to from by for under over near behind next above below
+is are sitting standing walking running flying lying holding eating playing looking
+photo photograph picture painting drawing illustration portrait image sketch render
+cat cats dog dogs bird birds horse horses cow sheep fish bear elephant giraffe zebra lion tiger
+man woman men women person people child children boy girl baby family friends
+car cars bus truck train bicycle motorcycle boat plane airplane road street
+house building city town tower bridge castle church room kitchen table chair bed window door
+tree trees flower flowers grass forest garden field park mountain mountains hill river lake
+sea ocean beach sand water snow rain sky cloud clouds sun moon star stars night day sunset
+red blue green yellow white black brown orange purple pink gray golden colorful dark bright
+big small large little tall old new young beautiful happy cute
+wooden stone glass metal plate bowl cup food pizza cake fruit apple banana bread
+hat shirt dress ball book phone computer clock light lamp fire smoke
+style art digital oil watercolor detailed high quality realistic abstract
+one two three many some very group top front side view close up
+""".split())
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP's byte -> printable character table (the base symbols of byte-level BPE)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _bpe(symbols: Sequence[str], ranks: Mapping[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word's symbols: merge the best-ranked adjacent pair until none is known."""
+    word = list(symbols)
+    while len(word) > 1:
+        pairs = {(a, b) for a, b in zip(word, word[1:])}
+        best = min(pairs, key=lambda pair: ranks.get(pair, float("inf")))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(word):
+            if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+                merged.append(word[i] + word[i + 1])
+                i += 2
+            else:
+                merged.append(word[i])
+                i += 1
+        word = merged
+    return word
+
+
+def _word_symbols(word: str, byte_map: Mapping[int, str]) -> list[str]:
+    chars = [byte_map[b] for b in word.encode("utf-8")]
+    return chars[:-1] + [chars[-1] + EOW]
+
+
+def check_words(words: Sequence[str]) -> list[str]:
+    """The word list, lowercased and deduplicated in order; each must be letters only.
+
+    CLIP's pre-tokenizer lowercases text and splits letters from digits, punctuation and
+    spaces, so only an all-letter word can reach BPE whole.
+    """
+    seen: dict[str, None] = {}
+    for word in words:
+        if not isinstance(word, str) or not word or not word.isalpha():
+            raise ValueError(f"vocab_words must be non-empty words of letters only, got {word!r}")
+        seen.setdefault(word.lower(), None)
+    return list(seen)
+
+
+def build_bpe(words: Sequence[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of a CLIP BPE in which each of `words` is the single token `word</w>`.
+
+    Merges are added word by word: while the word does not yet come out whole under the
+    merges so far, the first two of its current pieces are merged, as the lowest-priority
+    merge. A merge of lowest priority only applies once no earlier one does, so the words
+    already made whole stay whole.
+    """
+    byte_map = bytes_to_unicode()
+    base = list(byte_map.values())
+    vocab = {token: i for i, token in enumerate(base + [c + EOW for c in base])}
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in check_words(words):
+        symbols = _word_symbols(word, byte_map)
+        pieces = _bpe(symbols, ranks)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            pieces = _bpe(symbols, ranks)
+    vocab[BOS] = len(vocab)
+    vocab[EOS] = len(vocab)
+    return vocab, merges
+
+
+def write_tokenizer(folder: Path, words: Sequence[str] = CAPTION_WORDS) -> dict[str, int]:
+    """A CLIP tokenizer folder as released (vocab.json, merges.txt, configs); returns the vocab."""
+    vocab, merges = build_bpe(words)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                       encoding="utf-8")
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+              "errors": "replace", "add_prefix_space": False, "clean_up_tokenization_spaces": True, **special}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    return vocab
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def random_params(module: nn.Module, key: jax.Array) -> dict[str, Any]:
+    """Random params of `module`, shaped as its init gives them (traced only, nothing compiled).
+
+    As flax's default initialisers, without their cost of compiling the module's forward
+    pass: kernels (dense and conv) normal with std 1/sqrt(fan_in), embeddings normal with
+    std 0.02. Biases and norm scales, which those leave at 0 and 1, get normal noise of std
+    PERTURBATION. All of it comes from one jax.random.normal draw of `key`, split over the
+    leaves in sorted path order.
+    """
+    abstract = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *module.dummy_inputs())["params"])
+    flat = sorted(traverse_util.flatten_dict(abstract).items())
+    total = sum(int(np.prod(leaf.shape)) for _, leaf in flat)
+    draws = np.asarray(jax.random.normal(key, (total,), jnp.float32))
+    out, offset = {}, 0
+    for path, leaf in flat:
+        size = int(np.prod(leaf.shape))
+        z = draws[offset:offset + size].reshape(leaf.shape)
+        offset += size
+        kind = path[-1]
+        if kind == "kernel":
+            value = z / np.float32(np.sqrt(np.prod(leaf.shape[:-1])))
+        elif kind == "embedding":
+            value = np.float32(0.02) * z
+        elif kind == "scale":
+            value = np.float32(1.0) + np.float32(PERTURBATION) * z
+        elif kind == "bias":
+            value = np.float32(PERTURBATION) * z
+        else:
+            raise ValueError(f"no initialiser for parameter {'/'.join(path)} of {type(module).__name__}")
+        out[path] = value.astype(np.float32)
+    return traverse_util.unflatten_dict(out)
+
+
+def _merged(defaults: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {**defaults, **dict(overrides or {})}
+
+
+def write_random_folder(out: str | Path, *, prediction_type: str = "epsilon", kind: str = "stable_diffusion",
+                        seed: int = 0, unet: Mapping[str, Any] | None = None, vae: Mapping[str, Any] | None = None,
+                        text_encoder: Mapping[str, Any] | None = None, vocab_words: Sequence[str] | None = None,
+                        scheduler: Mapping[str, Any] | None = None) -> Path:
+    """Writes a complete diffusers pipeline folder with random weights to `out`; returns its path.
+
+    `unet`, `vae`, `text_encoder` and `scheduler` are config keys laid over the tiny defaults
+    (UNET_CONFIG, VAE_CONFIG, CLIP_CONFIG, SCHEDULER_CONFIG); `vocab_words` replaces
+    CAPTION_WORDS as the tokenizer's whole words. The CLIP config's vocab_size and token
+    ids always follow the tokenizer. Files already in `out` are overwritten.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+
+    vocab = write_tokenizer(root / "tokenizer", CAPTION_WORDS if vocab_words is None else vocab_words)
+    clip_config = _merged(CLIP_CONFIG, text_encoder)
+    clip_config.update(vocab_size=len(vocab), bos_token_id=vocab[BOS], eos_token_id=vocab[EOS],
+                       pad_token_id=vocab[EOS])
+    unet_config, vae_config = _merged(UNET_CONFIG, unet), _merged(VAE_CONFIG, vae)
+    if unet_config["cross_attention_dim"] != clip_config["hidden_size"]:
+        raise ValueError(f"the UNet's cross_attention_dim ({unet_config['cross_attention_dim']}) must equal the "
+                         f"text encoder's hidden_size ({clip_config['hidden_size']})")
+
+    keys = jax.random.split(jax.random.key(seed), 3)
+    for name, module, key in (("unet", UNet2DConditionModel.from_config(unet_config), keys[0]),
+                              ("vae", AutoencoderKL.from_config(vae_config), keys[1]),
+                              ("text_encoder", CLIPTextModel.from_config(clip_config), keys[2])):
+        module.save_pretrained(random_params(module, key), root / name)
+
+    scheduler_config = {**_merged(SCHEDULER_CONFIG, scheduler), "prediction_type": prediction_type}
+    (root / "scheduler").mkdir(exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2, sort_keys=True))
+
+    index = {"_class_name": PIPELINE_CLASSES[kind], "_diffusers_version": DIFFUSERS_VERSION,
+             "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
+             "scheduler": ["diffusers", scheduler_config["_class_name"]],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m rectflow_jax.random_folder",
+                                     description="Write a tiny diffusers pipeline folder with random weights.")
+    parser.add_argument("--out", required=True, help="folder to write (created if missing)")
+    parser.add_argument("--prediction_type", default="epsilon", choices=PREDICTION_TYPES,
+                        help="the scheduler config's prediction_type (default: epsilon)")
+    parser.add_argument("--kind", default="stable_diffusion", choices=KINDS,
+                        help="pipeline class in model_index.json: StableDiffusionPipeline or RectifiedFlowPipeline")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    args = parser.parse_args(argv)
+    folder = write_random_folder(args.out, prediction_type=args.prediction_type, kind=args.kind, seed=args.seed)
+    print(folder)
+    return folder
+
+
+if __name__ == "__main__":
+    main()
