@@ -3,9 +3,10 @@
   train     1-RF from data, or k-RF (reflow) from a teacher's pairs
   pairs     reflow couplings (x0, x1) from a stage's ODE
   distill   a one-step student on a teacher's pairs
-  sample    samples of a stage, or text-to-image from a diffusers folder (2-RF, InstaFlow)
+  sample    samples of a stage, or text-to-image from a diffusers folder (SD, 2-RF, InstaFlow)
   eval      a stage's metrics at several step counts
-  pipeline  1-RF -> pairs -> 2-RF -> pairs -> distill, and a report
+  export    a text-to-image stage as a diffusers folder
+  pipeline  1-RF -> pairs -> 2-RF -> pairs -> distill, and a report (text-to-image: from an SD teacher)
 
 Any config value can be overridden: --config.train.num_steps=500. Bad input (a missing
 flag, a bad config value, a foreign folder) is one line on stderr and exit status 2;
@@ -34,12 +35,14 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A stage directory to read
 _PAIRS = flags.DEFINE_string("pairs", None, "A pair directory written by `rectflow pairs`.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bars.")
-_PRETRAINED = flags.DEFINE_string("pretrained", None, "sample: a diffusers pipeline folder (2-RF, InstaFlow).")
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "sample: a diffusers pipeline folder (SD, 2-RF, InstaFlow).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "sample --pretrained: a prompt (repeat for several).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "sample --pretrained: a file of prompts, one a line.")
 flags.DEFINE_alias("prompts-file", "prompts_file")
 _INTERPOLATE = flags.DEFINE_list("interpolate_seeds", None, "sample --pretrained: A,B: frames slerped between "
                                  "the two seeds' noise (config.sample.num_frames of them).")
+_LATENTS = flags.DEFINE_string("latents", None, "sample (text-to-image): a .npy of initial noise (N, h, w, c), "
+                               "one per image, instead of the seeded noise.")
 _ALLOW_PICKLE = flags.DEFINE_bool("allow_pickle", False, "Read PyTorch .bin weights (needs torch; pickles can run code).")
 
 
@@ -68,11 +71,17 @@ COMMANDS = {
          f"rectflow train --config {_TOY} --workdir runs/toy/2rf --pairs runs/toy/pairs_1rf "
          "--checkpoint runs/toy/1rf")),
     "pairs": Command(
-        "reflow couplings: integrate a stage's ODE from fresh noise x0",
-        "Writes pair shards (x0, x1 = the teacher's ODE from x0) and pairs.json to --out.",
+        "reflow couplings: integrate a teacher's ODE from fresh noise x0",
+        "Writes pair shards (x0, x1 = the teacher's ODE from x0) and pairs.json to --out. For text-to-image "
+        "configs the teacher may be a Stable Diffusion folder (solved as config.teacher says) or an sd_unet stage "
+        "(config.pairs), and the shards are (text, noise seed and index, float16 latent) triplets; the throughput "
+        "in images/s is logged.",
         ("config", "checkpoint", "out", "quiet"),
-        "pairs.num_pairs, pairs.num_steps, pairs.method (euler | heun), pairs.batch_size",
-        (f"rectflow pairs --config {_TOY} --checkpoint runs/toy/1rf --out runs/toy/pairs_1rf",)),
+        "pairs.num_pairs, pairs.num_steps, pairs.method (euler | heun | ddim | dpm_solver++), pairs.batch_size, "
+        "pairs.guidance_scale; teacher.* and data.prompts for a pretrained folder",
+        (f"rectflow pairs --config {_TOY} --checkpoint runs/toy/1rf --out runs/toy/pairs_1rf",
+         "rectflow pairs --config configs/sd15_2rf.py --checkpoint stable-diffusion-v1-5 --out runs/sd/pairs_teacher "
+         "--config.data.prompts=captions.txt")),
     "distill": Command(
         "train a one-step student on a teacher's pairs",
         "The student starts from the teacher --checkpoint and learns x0 -> x1 of --pairs in one step "
@@ -83,13 +92,14 @@ COMMANDS = {
          "--checkpoint runs/toy/2rf",)),
     "sample": Command(
         "samples of a stage, or text-to-image from a diffusers folder",
-        "With --checkpoint: --out/samples.npz (float32 x0 and x1) and a picture. With --pretrained FOLDER (a 2-RF "
-        "or InstaFlow diffusers folder; no --config needed): one PNG per image, latents.npz and prompts.json. "
-        "A plain Stable Diffusion folder predicts noise and is refused unless "
-        "--config.sample.prediction_type=velocity vouches for its UNet.",
-        ("config", "checkpoint", "out", "pretrained", "prompt", "prompts_file", "interpolate_seeds",
+        "With --checkpoint: --out/samples.npz (float32 x0 and x1) and a picture. With --pretrained FOLDER (a "
+        "Stable Diffusion, 2-RF or InstaFlow diffusers folder; no --config needed), or --checkpoint of a "
+        "text-to-image stage, and prompts: one PNG per image, latents.npz (x0, x1) and prompts.json. SD folders "
+        "are solved with ddim or dpm_solver++ from their scheduler config; --latents starts from given noise.",
+        ("config", "checkpoint", "out", "pretrained", "prompt", "prompts_file", "latents", "interpolate_seeds",
          "allow_pickle", "quiet"),
-        "sample.num_steps, sample.method (euler | heun), seed; text-to-image: sample.guidance_scale (applied "
+        "sample.num_steps, sample.method (euler | heun; SD folders: ddim | dpm_solver++ too), seed; text-to-image: "
+        "sample.guidance_scale (applied "
         "when > 1), sample.negative_prompt, sample.batch_size, sample.height, sample.width, sample.dtype "
         "(float32 | bfloat16), sample.images_per_prompt, sample.num_frames, sample.prediction_type "
         "(auto | velocity)",
@@ -103,16 +113,27 @@ COMMANDS = {
         ("config", "checkpoint", "out"),
         "eval.num_samples, eval.steps, sample.method",
         (f"rectflow eval --config {_DIGITS} --checkpoint runs/digits/distill --out runs/digits/eval",)),
+    "export": Command(
+        "write a text-to-image stage as a diffusers folder",
+        "--checkpoint STAGE (an sd_unet stage: 2-RF or a distilled student) -> --out FOLDER with unet (the EMA "
+        "weights), vae, text_encoder, tokenizer, scheduler and model_index.json (RectifiedFlowPipeline), which "
+        "`rectflow sample --pretrained` and diffusers load with the same outputs.",
+        ("checkpoint", "out"),
+        "none",
+        ("rectflow export --checkpoint runs/tiny/distill --out runs/tiny/instaflow_tiny",)),
     "pipeline": Command(
         "the whole recipe: 1-RF -> pairs -> 2-RF -> pairs -> distill, then a report",
         "Stages go to W/1rf, W/2rf and W/distill, pairs to W/pairs_1rf and W/pairs_2rf, the report to "
         "W/report/report.md. Rerunning resumes; finished stages are skipped.",
         ("config", "workdir", "quiet"),
         "every section; stages.reflow.* and stages.distill.* override the later stages",
-        (f"rectflow pipeline --config {_DIGITS} --workdir runs/digits",)),
+        (f"rectflow pipeline --config {_DIGITS} --workdir runs/digits",
+         "rectflow pipeline --config configs/tiny_text_to_image.py --workdir runs/tiny "
+         "--config.teacher.pretrained=runs/tiny_sd --config.data.prompts=prompts.txt")),
 }
 _METAVARS = {"config": "FILE[:ARG]", "workdir": "DIR", "checkpoint": "DIR", "pairs": "DIR", "out": "DIR",
-             "pretrained": "FOLDER", "prompt": "TEXT", "prompts_file": "FILE", "interpolate_seeds": "A,B"}
+             "pretrained": "FOLDER", "prompt": "TEXT", "prompts_file": "FILE", "interpolate_seeds": "A,B",
+             "latents": "FILE.npy"}
 _HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
 
 
@@ -166,6 +187,17 @@ def run(command: str) -> None:
             raise UsageError("give `rectflow sample` either --checkpoint or --pretrained, not both")
         sample_pretrained(config, _PRETRAINED.value, _need(_OUT, command), progress=not _QUIET.value)
         return
+    if command == "export":
+        from rectflow_jax import text_to_image as t2i
+
+        out = _need(_OUT, command)
+        t2i.TextToImage.from_stage(_need(_CHECKPOINT, command)).save_pretrained(out)
+        print(f"wrote {out} (a RectifiedFlowPipeline folder)")
+        return
+    if command == "sample" and (_PROMPT.value or _PROMPTS_FILE.value):
+        sample_pretrained(config, _need(_CHECKPOINT, command), _need(_OUT, command), progress=not _QUIET.value,
+                          stage=True)
+        return
     if not flags.FLAGS["config"].present:
         raise UsageError(f"`rectflow {command}` needs --config (e.g. configs/digits.py)")
     d = config.distributed
@@ -202,7 +234,10 @@ def run(command: str) -> None:
         print(f"report: {Path(work) / 'report' / 'report.md'}")
 
 
-def sample_pretrained(config, pretrained: str, out: str, progress: bool) -> None:
+def sample_pretrained(config, pretrained: str, out: str, progress: bool, stage: bool = False) -> None:
+    """Text-to-image from a diffusers folder, or (stage=True) from a text-to-image stage of ours."""
+    import numpy as np
+
     from rectflow_jax import sampling
     from rectflow_jax import text_to_image as t2i
 
@@ -216,9 +251,22 @@ def sample_pretrained(config, pretrained: str, out: str, progress: bool) -> None
         raise UsageError("`rectflow sample --pretrained` needs --prompt or --prompts_file")
     cfg = config.sample
     sampling.check_method(cfg.method)  # before the minutes that loading takes
-    # config.sample.prediction_type joins the base config with this change; older configs lack it.
-    pipe = t2i.TextToImage.from_pretrained(pretrained, dtype=cfg.dtype, allow_pickle=_ALLOW_PICKLE.value,
-                                           prediction_type=cfg.prediction_type)
+    initial = None
+    if _LATENTS.value:
+        if _INTERPOLATE.value:
+            raise UsageError("--latents and --interpolate_seeds both choose the noise: give one")
+        path = Path(_LATENTS.value)
+        if not path.is_file() or path.suffix != ".npy":
+            raise UsageError(f"--latents {str(path)!r} must be an existing .npy file (N, h, w, c)")
+        try:
+            initial = np.load(path, allow_pickle=False)
+        except ValueError as err:
+            raise UsageError(f"--latents {str(path)!r} is not a readable .npy array: {err}") from None
+    if stage:
+        pipe = t2i.TextToImage.from_stage(pretrained, dtype=cfg.dtype)
+    else:
+        pipe = t2i.TextToImage.from_pretrained(pretrained, dtype=cfg.dtype, allow_pickle=_ALLOW_PICKLE.value,
+                                               prediction_type=cfg.prediction_type)
     common = dict(num_steps=cfg.num_steps, method=cfg.method, guidance_scale=cfg.guidance_scale,
                   negative_prompt=cfg.negative_prompt, batch_size=cfg.batch_size, height=cfg.height,
                   width=cfg.width, save_latents=cfg.save_latents, progress=progress)
@@ -231,7 +279,7 @@ def sample_pretrained(config, pretrained: str, out: str, progress: bool) -> None
             raise UsageError(f"--interpolate_seeds takes two integers A,B, got {','.join(_INTERPOLATE.value)}")
         records = t2i.interpolate_to_folder(pipe, prompts, out, seeds=seeds, num_frames=cfg.num_frames, **common)
     else:
-        records = t2i.generate_to_folder(pipe, prompts, out, seed=config.seed,
+        records = t2i.generate_to_folder(pipe, prompts, out, seed=config.seed, initial_latents=initial,
                                          images_per_prompt=cfg.images_per_prompt, **common)
     print(f"wrote {len(records)} images to {out} (prompts.json lists them)")
 
@@ -255,12 +303,12 @@ def input_errors() -> tuple[type[BaseException], ...]:
     Everything else (a plain ValueError, KeyError, OSError...) is a bug until shown
     otherwise and keeps its traceback.
     """
-    from rectflow_jax import checkpoint, configlib, sampling, teachers, text_to_image, train, weights
-    from rectflow_jax.data import pairs
+    from rectflow_jax import checkpoint, configlib, diffusion, sampling, teachers, text_to_image, train, weights
+    from rectflow_jax.data import pairs, prompts
 
     return (UsageError, configlib.ConfigError, checkpoint.CheckpointError, pairs.PairDataError,
             teachers.IncompatibleTeacher, train.TrainingDiverged, weights.WeightLoadError, sampling.SamplerError,
-            text_to_image.TextToImageError)
+            text_to_image.TextToImageError, diffusion.ScheduleError, prompts.PromptFileError)
 
 
 def main() -> None:

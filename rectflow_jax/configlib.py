@@ -38,7 +38,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.flow.uniform = ml_collections.ConfigDict({"eps": 1e-3})                      # t ~ U[eps, 1]
     c.flow.logit_normal = ml_collections.ConfigDict({"mean": 0.0, "std": 1.0})     # sigmoid(N(mean, std^2))
     c.flow.u_shaped = ml_collections.ConfigDict({"a": 4.0})                        # density ~ cosh(a (t - 1/2))
-    c.flow.loss = "l2"                    # l2 | pseudo_huber
+    c.flow.loss = "l2"                    # l2 | pseudo_huber | lpips (text-to-image: on VAE-decoded images)
+    # A second loss from a step on (InstaFlow: L2, then LPIPS); loss "" keeps flow.loss throughout.
+    c.flow.loss_switch = ml_collections.ConfigDict({"loss": "", "step": 0})
+    c.flow.cond_dropout = 0.0             # share of examples trained on the null condition (CFG)
+    # LPIPS-VGG weights: torchvision's vgg16 state dict (or the safetensors file that
+    # `python -m rectflow_jax.models.lpips` converts); heads default to the lpips package's.
+    c.flow.lpips = ml_collections.ConfigDict({"backbone": config_dict.placeholder(str),
+                                              "heads": config_dict.placeholder(str), "allow_pickle": False,
+                                              "resize": 0})
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-4
@@ -75,18 +83,32 @@ def base_config() -> ml_collections.ConfigDict:
     c.pairs.num_pairs = 10000
     c.pairs.shard_size = 2500
     c.pairs.num_steps = 100
-    c.pairs.method = "euler"              # euler | heun (sampling.STEPPERS)
+    c.pairs.method = "euler"              # euler | heun | ddim | dpm_solver++ (sampling.STEPPERS)
     c.pairs.batch_size = 500
+    # Text triplets from an 'sd_unet' stage (2-RF -> distillation pairs); see config.teacher for folders.
+    c.pairs.guidance_scale = 1.0          # classifier-free guidance only when > 1
+    c.pairs.negative_prompt = ""
+    c.pairs.dtype = "float32"             # float32 | bfloat16
+
+    # A pretrained Stable Diffusion folder as the first teacher (text-to-image configs), and
+    # how its probability-flow ODE is solved to make triplets.
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.pretrained = config_dict.placeholder(str)
+    c.teacher.method = "dpm_solver++"     # ddim | dpm_solver++ | euler | heun (velocity folders: euler | heun)
+    c.teacher.num_steps = 25
+    c.teacher.guidance_scale = 5.0
+    c.teacher.negative_prompt = ""
+    c.teacher.dtype = "float32"
 
     c.sample = ml_collections.ConfigDict()
     c.sample.num_steps = 1
     c.sample.num_samples = 64
-    c.sample.method = "euler"             # euler | heun (sampling.STEPPERS)
+    c.sample.method = "euler"             # euler | heun | ddim | dpm_solver++ (sampling.STEPPERS)
     c.sample.batch_size = 1000            # text-to-image: min(this, number of images); SD wants ~8
     # Text-to-image (`rectflow sample --pretrained FOLDER`), see rectflow_jax/text_to_image.py.
     c.sample.guidance_scale = 1.0         # classifier-free guidance only when > 1 (0 or 1: none; InstaFlow one-step)
     c.sample.negative_prompt = ""         # the unconditional text when guidance_scale > 1
-    c.sample.prediction_type = "auto"     # auto: velocity only for a RectifiedFlowPipeline folder | velocity
+    c.sample.prediction_type = "auto"     # auto: by the folder's pipeline and scheduler | velocity (vouch for it)
     c.sample.height = config_dict.placeholder(int)   # pixels; unset: unet sample_size * VAE factor
     c.sample.width = config_dict.placeholder(int)
     c.sample.dtype = "float32"            # compute and parameter dtype: float32 | bfloat16
@@ -146,20 +168,25 @@ def _choices() -> dict[str, tuple[str, ...]]:
 
     Imported here, not at the top: configs import this module and need no JAX to load.
     """
-    from rectflow_jax import flow, models, sampling, text_to_image, train
+    from rectflow_jax import flow, models, sampling, sd_folder, teachers, train
     from rectflow_jax.data import datasets
 
+    losses = tuple(sorted(flow.LOSSES)) + flow.PERCEPTUAL_LOSSES
     return {
         "data.name": tuple(sorted(datasets.DATASETS)),
         "model.name": tuple(sorted(models.MODELS)),
         "flow.time_sampler": tuple(sorted(flow.TIME_SAMPLERS)),
-        "flow.loss": tuple(sorted(flow.LOSSES)),
+        "flow.loss": losses,
+        "flow.loss_switch.loss": ("",) + losses,
         "optim.schedule": train.SCHEDULES,
         "optim.ema_warmup": train.EMA_WARMUPS,
-        "pairs.method": tuple(sorted(sampling.STEPPERS)),
-        "sample.method": tuple(sorted(sampling.STEPPERS)),
-        "sample.prediction_type": text_to_image.PREDICTION_TYPES,
-        "sample.dtype": tuple(text_to_image.DTYPES),
+        "pairs.method": sampling.METHODS,
+        "pairs.dtype": tuple(teachers.DTYPES),
+        "teacher.method": sampling.METHODS,
+        "teacher.dtype": tuple(teachers.DTYPES),
+        "sample.method": sampling.METHODS,
+        "sample.prediction_type": sd_folder.PREDICTION_TYPES,
+        "sample.dtype": tuple(teachers.DTYPES),
     }
 
 
@@ -168,7 +195,7 @@ def _check_flow(flow_config: ml_collections.ConfigDict, where: str) -> None:
     from rectflow_jax import flow
 
     for key in flow_config:
-        if key in ("time_sampler", "loss"):
+        if key in ("time_sampler", "loss", "loss_switch", "cond_dropout", "lpips"):
             continue
         if key not in flow.TIME_SAMPLERS:
             raise ConfigError(f"{where}.{key} is not a config key; a time sampler's arguments go in "
@@ -187,11 +214,18 @@ def _check_flow(flow_config: ml_collections.ConfigDict, where: str) -> None:
 
 def _validate_one(config: ml_collections.ConfigDict, choices: dict, where: str) -> None:
     for key, allowed in choices.items():
-        section, name = key.split(".")
-        value = config[section].get(name)
+        *sections, name = key.split(".")
+        node = config
+        for section in sections:
+            node = node.get(section) if node is not None else None
+        if node is None:  # an older config without this section: its defaults apply
+            continue
+        value = node.get(name)
         if value not in allowed:
             raise ConfigError(f"{where}{key}={value!r} is not one of {list(allowed)}")
     _check_flow(config.flow, f"{where}flow")
+    if not 0.0 <= config.flow.get("cond_dropout", 0.0) < 1.0:
+        raise ConfigError(f"{where}flow.cond_dropout={config.flow.cond_dropout!r} must lie in [0, 1)")
     if not 0.0 <= config.optim.ema_decay < 1.0:
         raise ConfigError(f"{where}optim.ema_decay={config.optim.ema_decay!r} must lie in [0, 1)")
 

@@ -93,6 +93,8 @@ def pseudo_huber_loss(pred: jax.Array, target: jax.Array, c: float | None = None
 
 
 LOSSES = {"l2": l2_loss, "pseudo_huber": pseudo_huber_loss}
+# Losses on decoded images, built by the stage from frozen models (rectflow_jax.perceptual).
+PERCEPTUAL_LOSSES = ("lpips",)
 
 
 def loss_fn(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:

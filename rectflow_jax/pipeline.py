@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from rectflow_jax import checkpoint, configlib, evaluate, flow, models, plots, sampling, teachers, train
+from rectflow_jax import (batch_runner, checkpoint, configlib, evaluate, flow, models, perceptual, plots, sampling,
+                          sd_folder, teachers, train)
+from rectflow_jax.models import sd_velocity
+from rectflow_jax.text_conditioner import TextConditioner
 from rectflow_jax.configlib import ConfigError
-from rectflow_jax.data import datasets, pairs as pair_io
+from rectflow_jax.data import datasets, pairs as pair_io, prompts
 
 log = logging.getLogger("rectflow")
 
@@ -37,21 +40,25 @@ def pair_key(seed: int, teacher: dict, shard_index: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(_stream(seed, PAIRS_STREAM), teacher_stream), shard_index)
 
 
-def draw_source(dataset, key: jax.Array, n: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """x0 ~ pi0 and, for class-conditional data, labels cycling through the classes."""
+def draw_source(dataset, key: jax.Array, n: int) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+    """x0 ~ pi0 and, for class-conditional data, the condition: labels cycling through the classes."""
     x0 = np.asarray(dataset.sample_source(key, n), np.float32)
-    labels = (np.arange(n) % dataset.num_classes).astype(np.int32) if dataset.num_classes else None
-    return x0, labels
+    cond = {"label": (np.arange(n) % dataset.num_classes).astype(np.int32)} if dataset.num_classes else None
+    return x0, cond
+
+
+def _rows(cond: dict[str, np.ndarray] | None, sl: slice) -> dict[str, jax.Array] | None:
+    return None if cond is None else {k: jnp.asarray(v[sl]) for k, v in cond.items()}
 
 
 def _preview_fn(config, dataset, model, num_steps: int):
     """params -> picture of a few samples, for TensorBoard during training."""
     apply = train.velocity_apply(model)
     sampler = sampling.make_sampler(apply, num_steps, method=config.sample.method)
-    x0, labels = draw_source(dataset, _stream(config.seed, PREVIEW_STREAM), 64 if len(dataset.shape) > 1 else 1000)
+    x0, cond = draw_source(dataset, _stream(config.seed, PREVIEW_STREAM), 64 if len(dataset.shape) > 1 else 1000)
 
     def preview(params):
-        x1 = np.asarray(sampler(params, jnp.asarray(x0), None if labels is None else jnp.asarray(labels)).x1)
+        x1 = np.asarray(sampler(params, jnp.asarray(x0), _rows(cond, slice(None))).x1)
         if len(dataset.shape) == 1:
             return plots.scatter_figure(x1, dataset.reference(1000)["x1"], title=f"{num_steps}-step samples")
         return plots.image_grid(x1, upscale=max(1, 64 // dataset.shape[0]))
@@ -98,46 +105,74 @@ def train_stage(config, stage_dir: str | Path, kind: str, *, name: str | None = 
         identity["init"] = config.stages.reflow.init
     model = models.build_velocity_model(stage_config.model, dataset.shape, dataset.num_classes)
     init_params, meta = None, {"kind": kind}
+    from_folder = teacher_dir is not None and sd_folder.is_pipeline_folder(teacher_dir)
     if init_from_teacher:
-        provenance = teachers.finished_provenance(teacher_dir)
+        provenance = teachers.teacher_provenance(teacher_dir)
         identity.update(teacher_run_hash=provenance["run_hash"], teacher_step=provenance["step"])
         meta["teacher"] = str(teacher_dir)
     if init_from_teacher and (checkpoint.latest_step(stage_dir) is None):
-        teacher = teachers.load_velocity_teacher(teacher_dir, expected_shape=dataset.shape,
-                                                 expected_num_classes=dataset.num_classes,
-                                                 expected_source=dataset.source_spec, finished=True)
-        if teacher.meta["model"] != checkpoint.jsonable(stage_config.model.to_dict()):
-            raise teachers.IncompatibleTeacher(
-                f"teacher {str(teacher_dir)!r} has another model config than this stage; "
-                "the student starts from its parameters, so they must agree")
-        init_params = teacher.params
+        if from_folder:  # 2-RF from Stable Diffusion: the teacher's UNet weights, called in our time
+            if not isinstance(model, models.SDVelocity):
+                raise teachers.IncompatibleTeacher(f"teacher {str(teacher_dir)!r} is a diffusers folder; a stage "
+                                                   "initialised from it needs model.name = 'sd_unet'")
+            init_params = sd_velocity.load_unet_params(model, teacher_dir)
+        else:
+            teacher = teachers.load_velocity_teacher(teacher_dir, expected_shape=dataset.shape,
+                                                     expected_num_classes=dataset.num_classes,
+                                                     expected_source=dataset.source_spec, finished=True)
+            if teacher.meta["model"] != checkpoint.jsonable(stage_config.model.to_dict()):
+                raise teachers.IncompatibleTeacher(
+                    f"teacher {str(teacher_dir)!r} has another model config than this stage; "
+                    "the student starts from its parameters, so they must agree")
+            init_params = teacher.params
 
     if pairs_dir is None:
         batches = dataset.batches
     else:
         info = _check_pairs_fit(pairs_dir, dataset)
-        identity.update({f"pairs_{k}": info[k] for k in PAIRS_IDENTITY})
+        identity.update({f"pairs_{k}": info[k] for k in PAIRS_IDENTITY + TEXT_PAIRS_IDENTITY if k in info})
         meta["pairs"] = str(pairs_dir)
         batches = lambda b, seed, start, shard: pair_io.pair_batches(pairs_dir, b, seed, start, shard)
 
+    frozen, extra_losses, null_cond, preview = {}, {}, None, None
+    if isinstance(model, models.SDVelocity):
+        folder = stage_config.model.pretrained
+        frozen = sd_velocity.load_frozen(model, folder)
+        null_cond = TextConditioner(sd_folder.load_tokenizer(folder), model.text_encoder).null_cond()
+        if "lpips" in {name for _, name in train.loss_schedule(stage_config)}:
+            extra_losses["lpips"], loss_params = perceptual.lpips_latent_loss(stage_config, folder)
+            frozen.update(loss_params)
+    else:
+        if dataset.num_classes:
+            null_cond = {"label": np.full((1,), dataset.num_classes, np.int32)}
+        preview = _preview_fn(stage_config, dataset, model, 1 if kind == "distill" else config.sample.num_steps)
     stage = train.Stage(
         name=name or stage_dir.name, objective="distill" if kind == "distill" else "flow", model=model,
         shape=tuple(dataset.shape), num_classes=dataset.num_classes, source_fn=dataset.sample_source,
-        batches=batches, init_params=init_params, meta=meta, identity=identity,
-        sample_fn=_preview_fn(stage_config, dataset, model, 1 if kind == "distill" else config.sample.num_steps))
+        batches=batches, init_params=init_params, meta=meta, identity=identity, sample_fn=preview,
+        frozen_params=frozen, extra_losses=extra_losses, null_cond=null_cond)
     train.train(stage_config, stage_dir, stage, progress=progress)
     return stage_dir
 
 
-def generate_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *, progress: bool = True) -> Path:
-    """Integrates the teacher's ODE from fresh x0 and writes (x0, x1[, label]) shards.
+def _check_pair_sizes(cfg) -> int:
+    if cfg.num_pairs < 1 or cfg.shard_size < 1 or cfg.batch_size < 1:
+        raise ConfigError("pairs.num_pairs, pairs.shard_size and pairs.batch_size must be positive")
+    return math.ceil(cfg.num_pairs / cfg.shard_size)
 
-    x0 comes from the source the teacher was trained on (the config's must be the same).
-    Shard i draws from `pair_key(seed, teacher checkpoint, i)`: deterministic, so a rerun
-    skips the finished shards, and another teacher draws other x0. Only a finished teacher
-    is a source, and pairs.json names its checkpoint (run hash, step; its path is only a
-    note): a directory made by another checkpoint is refused. Processes split the shards.
+
+def generate_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *, progress: bool = True) -> Path:
+    """Reflow couplings from a teacher's ODE, written as pair shards with pairs.json.
+
+    The teacher is one of our stages (x0 from its own source; `config.pairs` sets the solver)
+    or, for text-to-image, a Stable Diffusion folder or an 'sd_unet' stage (triplets; see
+    `generate_text_pairs`). Only a finished teacher is a source, and pairs.json names its
+    checkpoint (run hash, step) or folder fingerprint; its path is only a note. Shard i is
+    deterministic in i, so a rerun skips the finished shards; a directory made by another
+    teacher or other settings is refused. Processes split the shards.
     """
+    if teachers.is_sd_teacher(teacher_dir):
+        return generate_text_pairs(config, teacher_dir, out_dir, progress=progress)
     dataset = datasets.get_dataset(config.data)
     teacher = teachers.load_velocity_teacher(teacher_dir, expected_shape=dataset.shape,
                                              expected_num_classes=dataset.num_classes,
@@ -145,30 +180,21 @@ def generate_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *, prog
     provenance = teachers.finished_provenance(teacher_dir, teacher.meta, teacher.step)
     source = teacher.dataset  # pi0 as the teacher learnt it
     cfg = config.pairs
-    if cfg.num_pairs < 1 or cfg.shard_size < 1 or cfg.batch_size < 1:
-        raise ConfigError("pairs.num_pairs, pairs.shard_size and pairs.batch_size must be positive")
-    num_shards = math.ceil(cfg.num_pairs / cfg.shard_size)
-    sampler = sampling.make_sampler(teacher.apply_velocity, cfg.num_steps, method=cfg.method)
-    local = Mesh(np.asarray(jax.local_devices()), ("data",))
-    rows = NamedSharding(local, P("data"))
-    chunk = cfg.batch_size - cfg.batch_size % len(jax.local_devices()) or len(jax.local_devices())
+    num_shards = _check_pair_sizes(cfg)
+    sampling.check_method(cfg.method)
+    runner = batch_runner.BatchRunner(
+        lambda params, x0, cond: sampling.integrate(lambda x, t: teacher.apply_velocity(params, x, t, cond), x0,
+                                                    cfg.num_steps, method=cfg.method).x1, cfg.batch_size)
+    params = runner.place(teacher.params)
 
     def make_shard(index: int) -> dict[str, np.ndarray]:
         size = min(cfg.shard_size, cfg.num_pairs - index * cfg.shard_size)
         key = pair_key(config.seed, provenance, index)
-        x0, labels = source.sample_source(key, size), None
+        shard = {"x0": np.asarray(source.sample_source(key, size), np.float32)}
         if dataset.num_classes:
-            labels = jax.random.randint(jax.random.fold_in(key, 1), (size,), 0, dataset.num_classes)
-        outputs = []
-        for start in range(0, size, chunk):
-            stop = min(start + chunk, size)
-            pad = (-(stop - start)) % len(jax.local_devices())  # equal rows per device
-            x = jax.device_put(jnp.pad(x0[start:stop], [(0, pad)] + [(0, 0)] * len(dataset.shape)), rows)
-            y = None if labels is None else jax.device_put(jnp.pad(labels[start:stop], (0, pad)), rows)
-            outputs.append(np.asarray(sampler(teacher.params, x, y).x1)[: stop - start])
-        shard = {"x0": np.asarray(x0, np.float32), "x1": np.concatenate(outputs).astype(np.float32)}
-        if labels is not None:
-            shard["label"] = np.asarray(labels, np.int32)
+            shard["label"] = np.asarray(jax.random.randint(jax.random.fold_in(key, 1), (size,), 0,
+                                                           dataset.num_classes), np.int32)
+        shard["x1"] = runner(params, shard["x0"], models.condition(shard)).astype(np.float32)
         return shard
 
     meta = {"teacher_run_hash": provenance["run_hash"],
@@ -181,6 +207,82 @@ def generate_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *, prog
     return Path(out_dir)
 
 
+# The pairs.json entries of text triplets beyond PAIRS_IDENTITY that define them.
+TEXT_PAIRS_IDENTITY = ("guidance_scale", "negative_prompt", "prompts", "noise_seed", "parametrisation")
+
+
+def text_pair_settings(config, teacher_dir: str | Path):
+    """The solver settings for triplets: config.teacher for a pretrained folder, config.pairs for our stages."""
+    return config.teacher if sd_folder.is_pipeline_folder(teacher_dir) else config.pairs
+
+
+def generate_text_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *, progress: bool = True) -> Path:
+    """(text, noise, latent) triplets from an SD teacher: the reflow pairs of InstaFlow.
+
+    Example k uses prompt k % P of `data.prompts` and the noise
+    x0 = noise_from_seeds(noise_seed, k), stored as (noise_seed, noise_index) and
+    regenerated bit for bit by training; x1 is the teacher's final latent in float16, as
+    its pipeline would make it (`SDTeacher.solve`, with guidance above 1); the token ids
+    and the prompt are stored beside. The VAE is never run. Settings: `config.teacher`
+    (method, num_steps, guidance_scale, negative_prompt, dtype) for a pretrained folder,
+    `config.pairs` for an 'sd_unet' stage (2-RF making the distillation pairs).
+    """
+    dataset = datasets.get_dataset(config.data)
+    settings = text_pair_settings(config, teacher_dir)
+    cfg = config.pairs
+    num_shards = _check_pair_sizes(cfg)
+    sampling.check_method(settings.method)
+    teacher = teachers.load_sd_teacher(teacher_dir, dtype=settings.get("dtype", "float32"),
+                                       prediction_type=config.sample.prediction_type, finished=True)
+    if tuple(teacher.latent_shape) != tuple(dataset.shape):
+        raise teachers.IncompatibleTeacher(f"teacher {str(teacher_dir)!r} makes latents of shape "
+                                           f"{teacher.latent_shape}, but data.latent_shape is {tuple(dataset.shape)}")
+    teacher.time_grid(settings.method, settings.num_steps)  # a bad scheduler or step count fails before any work
+    prompt_source = prompts.load_prompts(dataset.prompt_options)
+    provenance = teacher.provenance
+    noise_seed = int(checkpoint.json_hash({"seed": config.seed, "teacher": provenance})[:8], 16)
+    scale, guided = float(settings.guidance_scale), sampling.guidance_applies(settings.guidance_scale)
+    shape = tuple(dataset.shape)
+
+    def solve(consts, indices, ids):
+        x0 = sampling.noise_from_seeds(jnp.full(indices.shape, noise_seed, jnp.uint32), indices, shape)
+        return teacher.solve(consts["params"], x0, ids, consts["negative"], consts["scale"], method=settings.method,
+                             num_steps=settings.num_steps, guided=guided)
+
+    runner = batch_runner.BatchRunner(solve, cfg.batch_size)
+    consts = runner.place({"params": teacher.params, "negative": teacher.text.negative_ids(settings.negative_prompt),
+                           "scale": np.float32(scale)})
+    made = {"examples": 0, "seconds": 0.0}
+
+    def make_shard(index: int) -> dict[str, np.ndarray]:
+        indices = np.arange(index * cfg.shard_size, min((index + 1) * cfg.shard_size, cfg.num_pairs), dtype=np.uint32)
+        texts = prompt_source.prompts(indices)
+        ids = teacher.text.tokenize(texts)
+        start = time.perf_counter()
+        x1 = runner(consts, indices, ids)
+        made["seconds"] += time.perf_counter() - start
+        made["examples"] += len(indices)
+        log.info("pairs shard %d: %d triplets at %.2f images/s", index, len(indices),
+                 made["examples"] / max(made["seconds"], 1e-9))
+        return {"x1": x1.astype(np.float16), "input_ids": ids, "prompt": np.asarray(texts, dtype=str),
+                "noise_seed": np.full(len(indices), noise_seed, np.uint32), "noise_index": indices}
+
+    meta = {"teacher_run_hash": provenance["run_hash"], "teacher_step": provenance["step"],
+            "source": dataset.source_spec, "shape": list(shape), "num_classes": 0, "num_pairs": cfg.num_pairs,
+            "shard_size": cfg.shard_size, "num_steps": settings.num_steps, "method": settings.method,
+            "seed": config.seed, "guidance_scale": scale if guided else 1.0,
+            "negative_prompt": settings.negative_prompt if guided else None, "prompts": prompt_source.spec,
+            "noise_seed": noise_seed, "parametrisation": teacher.parametrisation}
+    mine = range(jax.process_index(), num_shards, jax.process_count())
+    pair_io.write_pair_shards(out_dir, make_shard, num_shards, meta, shard_indices=mine,
+                              notes={"teacher": str(teacher_dir), "prompts_origin": prompt_source.origin},
+                              progress=progress)
+    if made["examples"]:
+        log.info("pairs -> %s: %d triplets at %.2f images/s", out_dir, made["examples"],
+                 made["examples"] / max(made["seconds"], 1e-9))
+    return Path(out_dir)
+
+
 def sample(config, checkpoint_dir: str | Path, out_dir: str | Path) -> dict[str, np.ndarray]:
     """Writes out/samples.npz (x0, x1[, label]) and a picture; same seed, same x0."""
     dataset = datasets.get_dataset(config.data)
@@ -188,21 +290,19 @@ def sample(config, checkpoint_dir: str | Path, out_dir: str | Path) -> dict[str,
                                              expected_num_classes=dataset.num_classes,
                                              expected_source=dataset.source_spec)
     cfg = config.sample
-    x0, labels = draw_source(dataset, _stream(config.seed, SAMPLE_STREAM), cfg.num_samples)
+    x0, cond = draw_source(dataset, _stream(config.seed, SAMPLE_STREAM), cfg.num_samples)
     sampler = sampling.make_sampler(teacher.apply_velocity, cfg.num_steps, method=cfg.method,
                                     return_trajectory=len(dataset.shape) == 1)
     x1, paths = [], []
     for start in range(0, cfg.num_samples, cfg.batch_size):
         sl = slice(start, start + cfg.batch_size)
-        sol = sampler(teacher.params, jnp.asarray(x0[sl]), None if labels is None else jnp.asarray(labels[sl]))
+        sol = sampler(teacher.params, jnp.asarray(x0[sl]), _rows(cond, sl))
         x1.append(np.asarray(sol.x1, np.float32))
         if sol.trajectory is not None:
             paths.append(np.asarray(sol.trajectory))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"x0": x0, "x1": np.concatenate(x1)}
-    if labels is not None:
-        result["label"] = labels
+    result = {"x0": x0, "x1": np.concatenate(x1), **(cond or {})}
     if len(dataset.shape) == 3:
         result["x1"] = np.clip(result["x1"], -1.0, 1.0)
         plots.save_png(plots.image_grid(result["x1"][:256], upscale=max(1, 32 // dataset.shape[0])), out / "grid.png")
@@ -220,13 +320,19 @@ def evaluate_stage(config, checkpoint_dir: str | Path) -> dict[str, Any]:
     teacher = teachers.load_velocity_teacher(checkpoint_dir, expected_shape=dataset.shape,
                                              expected_num_classes=dataset.num_classes,
                                              expected_source=dataset.source_spec)
-    x0, labels = draw_source(dataset, _stream(config.seed, EVAL_STREAM), config.eval.num_samples)
-    return evaluate.evaluate_velocity(teacher.apply_velocity, teacher.params, dataset, x0, labels,
+    x0, cond = draw_source(dataset, _stream(config.seed, EVAL_STREAM), config.eval.num_samples)
+    return evaluate.evaluate_velocity(teacher.apply_velocity, teacher.params, dataset, x0, cond,
                                       steps=tuple(config.eval.steps), batch_size=config.sample.batch_size)
 
 
 def run_pipeline(config, workdir: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """1-RF -> pairs -> 2-RF -> pairs -> distill, then the report. Reruns resume."""
+    """1-RF -> pairs -> 2-RF -> pairs -> distill, then the report. Reruns resume.
+
+    Text-to-image configs (data.name 'prompts') run InstaFlow's recipe instead
+    (`run_text_pipeline`).
+    """
+    if config.data.name == "prompts":
+        return run_text_pipeline(config, workdir, progress=progress)
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     plan = [
@@ -332,3 +438,123 @@ def _report_markdown(config, results, metric, claims, pictures, real: dict[str, 
     lines += [f"| {k} | {v:.4g} |" for k, v in claims.items()]
     lines += ["", "## Samples", ""] + [f"**{title}**\n\n![{title}]({file})\n" for title, file in pictures]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- text to image
+
+
+TEXT_STAGES = ("pairs_teacher", "2rf", "pairs_2rf", "distill")
+
+
+def run_text_pipeline(config, workdir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """InstaFlow, from the folder in config.teacher.pretrained, then the report; reruns resume.
+
+    A diffusion folder (Stable Diffusion): triplets W/pairs_teacher -> 2-RF W/2rf (from the
+    teacher's UNet) -> pairs with CFG W/pairs_2rf -> one-step distillation W/distill. A
+    velocity folder (a 2-RF release) is straight already: W/pairs_teacher -> W/distill.
+    """
+    teacher = config.teacher.get("pretrained")
+    if not teacher:
+        raise ConfigError("a text-to-image pipeline starts from a Stable Diffusion or 2-RF folder: set "
+                          "--config.teacher.pretrained=FOLDER")
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    reflow = _needs_reflow(config, teacher)
+    plan = [("pairs_teacher", lambda: generate_pairs(config, teacher, work / "pairs_teacher", progress=progress))]
+    if reflow:
+        plan += [
+            ("2rf", lambda: train_stage(config, work / "2rf", "reflow", pairs_dir=work / "pairs_teacher",
+                                        teacher_dir=teacher, progress=progress)),
+            ("pairs_2rf", lambda: generate_pairs(config, work / "2rf", work / "pairs_2rf", progress=progress)),
+            ("distill", lambda: train_stage(config, work / "distill", "distill", pairs_dir=work / "pairs_2rf",
+                                            teacher_dir=work / "2rf", progress=progress))]
+    else:
+        plan.append(("distill", lambda: train_stage(config, work / "distill", "distill",
+                                                    pairs_dir=work / "pairs_teacher", teacher_dir=teacher,
+                                                    progress=progress)))
+    for name, run in plan:
+        log.info("stage %s", name)
+        run()
+    return write_text_report(config, work)
+
+
+def _needs_reflow(config, folder: str | Path) -> bool:
+    index = sd_folder.read_model_index(folder)
+    kind = sd_folder.parametrisation(folder, index, sd_folder.read_scheduler_config(folder),
+                                     config.sample.prediction_type)
+    return kind != "velocity"
+
+
+def write_text_report(config, workdir: str | Path) -> dict[str, Any]:
+    """workdir/report: how straight each model's ODE is, from the same noise and prompts.
+
+    gap = E||x1(1 step) - x1(N steps)||^2 per latent element, each model against its own
+    N-step solution (the distilled student against 2-RF's); reflow should shrink it well
+    below the teacher's. A grid shows the decoded latents, one row per (model, steps).
+    """
+    from rectflow_jax import text_to_image as t2i  # its imports (transformers) are only needed here
+
+    work = Path(workdir)
+    out = work / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    prompt_source = prompts.load_prompts(datasets.get_dataset(config.data).prompt_options)
+    n = int(config.eval.num_samples)
+    texts = prompt_source.prompts(range(n))
+    teacher_cfg, pairs_cfg = config.teacher, config.pairs
+    reflow = _needs_reflow(config, config.teacher.pretrained)
+    models_ = {"teacher": t2i.TextToImage.from_pretrained(config.teacher.pretrained,
+                                                         prediction_type=config.sample.prediction_type),
+               "distill": t2i.TextToImage.from_stage(work / "distill")}
+    if reflow:
+        models_["2rf"] = t2i.TextToImage.from_stage(work / "2rf")
+    x0 = t2i.initial_noise([config.seed] * n, list(range(n)), models_["teacher"].latent_shape())
+    ids = models_["teacher"].tokenize(texts)
+    teacher_fine = f"teacher_{teacher_cfg.num_steps}"
+    rf_fine = f"2rf_{pairs_cfg.num_steps}" if reflow else teacher_fine  # what the student was distilled from
+    runs = {  # name: (model, method, steps, guidance)
+        "teacher_1": ("teacher", teacher_cfg.method, 1, teacher_cfg.guidance_scale),
+        teacher_fine: ("teacher", teacher_cfg.method, teacher_cfg.num_steps, teacher_cfg.guidance_scale)}
+    if reflow:
+        runs["2rf_1"] = ("2rf", "euler", 1, pairs_cfg.guidance_scale)
+        runs[rf_fine] = ("2rf", pairs_cfg.method, pairs_cfg.num_steps, pairs_cfg.guidance_scale)
+    runs["distill_1"] = ("distill", "euler", 1, 1.0)
+    latents, images = {}, {}
+    for run, (name, method, steps, scale) in runs.items():
+        pipe = models_[name]
+        negative = pipe.teacher.text.negative_ids(teacher_cfg.negative_prompt if name == "teacher"
+                                                  else pairs_cfg.negative_prompt)
+        latents[run], images[run] = pipe.generate_ids(ids, x0, num_steps=steps, guidance_scale=scale,
+                                                      negative_ids=negative, method=method)
+    gap = lambda a, b: float(np.mean(np.square(latents[a] - latents[b])))
+    gaps = {"teacher": gap("teacher_1", teacher_fine), "distill": gap("distill_1", rf_fine)}
+    claims = {"teacher_1step_to_teacher_finest": gaps["teacher"],
+              "distill_1step_to_teacher_finest": gap("distill_1", teacher_fine)}
+    if reflow:
+        gaps["2rf"] = gap("2rf_1", rf_fine)
+        claims["teacher_gap_over_2rf_gap"] = gaps["teacher"] / gaps["2rf"] if gaps["2rf"] else float("inf")
+        claims["2rf_1step_to_teacher_finest"] = gap("2rf_1", teacher_fine)
+    rows = min(8, n)
+    shown = np.concatenate([images[run][:rows] for run in runs]).astype(np.float32) / 127.5 - 1.0
+    plots.save_png(plots.image_grid(shown, ncols=rows, upscale=max(1, 64 // shown.shape[1])), out / "grid.png")
+    report = {"gaps": gaps, "claims": claims, "runs": {run: list(map(str, spec)) for run, spec in runs.items()},
+              "prompts": texts[:rows], "num_samples": n}
+    checkpoint.write_json(out / "metrics.json", report)
+    lines = ["# rectflow report: text to image", "",
+             f"{n} prompts of data.prompts, the same noise (seed {config.seed}) for every model. The gap is "
+             "E‖x1(1 step) − x1(N steps)‖² per latent element, each model against its own N-step output "
+             "(the distilled student against 2-RF's).", "",
+             "| model | gap | 1 step vs teacher N steps |", "|---|---|---|",
+             f"| teacher ({teacher_cfg.method}, guidance {teacher_cfg.guidance_scale}) | {gaps['teacher']:.4g} | "
+             f"{gaps['teacher']:.4g} |"]
+    if reflow:
+        lines.append(f"| 2-RF (guidance {pairs_cfg.guidance_scale}) | {gaps['2rf']:.4g} | "
+                     f"{claims['2rf_1step_to_teacher_finest']:.4g} |")
+    lines += [f"| distilled | {gaps['distill']:.4g} | {claims['distill_1step_to_teacher_finest']:.4g} |", ""]
+    if reflow:
+        lines += [f"Teacher gap / 2-RF gap: **{claims['teacher_gap_over_2rf_gap']:.3g}** (above 1: reflow "
+                  "straightened the flow).", ""]
+    lines += ["## Samples", "", "Rows, top to bottom: " + ", ".join(f"{run.replace('_', ' at ')} step(s)" for run in runs)
+             + f"; columns: the first {rows} prompts.", "", "![samples](grid.png)", "",
+             "Prompts: " + "; ".join(f"{k}. {t}" for k, t in enumerate(texts[:rows]))]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return report

@@ -220,7 +220,7 @@ def load_sd_teacher(path: str | Path, *, dtype: str = "float32", prediction_type
                                       "not a text-to-image model ('sd_unet')")
         if finished:
             finished_provenance(path, meta, step)
-        model_config = dict(meta["model"], dtype=dtype, param_dtype=dtype)
+        model_config = {k: v for k, v in meta["model"].items() if k != "name"} | {"dtype": dtype, "param_dtype": dtype}
         model = SDVelocity.from_model_config(model_config)
         abstract = train.abstract_params(model, tuple(meta["shape"]), int(meta["num_classes"]))
         if shardings is not None:

@@ -309,6 +309,39 @@ def _cifar10(split: str = "train", reference_split: str = "test", data_dir: str 
                             data_dir=data_dir, random_flip=random_flip, shuffle_buffer=shuffle_buffer)
 
 
+# ----------------------------------------------------------------------------- text to latents
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLatents(Dataset):
+    """Text-to-image in a latent space: pi0 = N(0, I) latents, pi1 = a teacher's latents for prompts.
+
+    There are no data batches: these stages train on (text, noise, latent) triplets made by
+    `rectflow pairs` from a Stable Diffusion teacher; the prompts come from `prompts`.
+    """
+
+    prompt_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def batches(self, batch_size: int, seed: int, start_step: int = 0,
+                shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+        raise ConfigError("text-to-image stages train on triplets: make them with `rectflow pairs --checkpoint "
+                          "TEACHER` (a Stable Diffusion folder) and pass --pairs")
+
+    def reference(self, n: int, seed: int = 0) -> Batch:
+        raise ConfigError("prompt data has no reference images; evaluate text-to-image models with their own "
+                          "metrics")
+
+
+def _prompts(latent_shape=(64, 64, 4), prompts: str | None = None, prompts_format: str = "auto",
+             prompt_key: str = "prompt", captions_per_image: int = 1, data_dir: str | None = None) -> PromptLatents:
+    shape = tuple(int(d) for d in latent_shape)
+    if len(shape) != 3:
+        raise ConfigError(f"data.latent_shape must be (height, width, channels) of the latents, got {latent_shape}")
+    options = {"prompts": prompts, "prompts_format": prompts_format, "prompt_key": prompt_key,
+               "captions_per_image": captions_per_image, "data_dir": data_dir}
+    return PromptLatents("prompts", shape, 0, prompt_options=options)
+
+
 # ----------------------------------------------------------------------------- lookup
 
 
@@ -321,7 +354,7 @@ def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "2gmm": _two_gmm, "moons": _moons_dataset, "8gaussians": _eight_gaussians,
-    "digits": _digits, "cifar10": _cifar10,
+    "digits": _digits, "cifar10": _cifar10, "prompts": _prompts,
 }
 
 

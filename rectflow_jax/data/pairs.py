@@ -1,4 +1,8 @@
-"""Reflow couplings on disk: sharded (x0, x1[, label]) .npz files plus pairs.json.
+"""Reflow couplings on disk: sharded .npz files plus pairs.json.
+
+A shard holds x1 and either x0 (float32) or, for text triplets, the (noise_seed,
+noise_index) that regenerate x0 exactly (sampling.noise_from_seeds), with its condition
+(label, or input_ids and the prompt text). Text triplets store x1 in float16.
 
 Writing is atomic per shard (temporary name, then rename), so a shard that exists is
 complete and a rerun skips it. Reading goes through a seeded tf.data pipeline that
@@ -17,7 +21,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 META_FILE = "pairs.json"
-REQUIRED_KEYS = ("x0", "x1")
+# Every shard has x1 and one of these ways to its x0.
+SOURCE_KEYS = (("x0",), ("noise_seed", "noise_index"))
+TEXT_KEYS = ("prompt",)  # kept for people and evaluation; not batched for training
 
 
 class PairDataError(ValueError):
@@ -102,25 +108,25 @@ def inspect_pairs(pair_dir: str | Path) -> dict[str, Any]:
         try:
             with zipfile.ZipFile(file) as archive:
                 names = {n[:-4] for n in archive.namelist() if n.endswith(".npy")}
-                missing = [k for k in REQUIRED_KEYS if k not in names]
-                if missing:
-                    raise PairDataError(f"shard {file.name} lacks arrays {missing}")
+                if "x1" not in names or not any(set(keys) <= names for keys in SOURCE_KEYS):
+                    raise PairDataError(f"shard {file.name} lacks arrays: it has {sorted(names)}, needs x1 and "
+                                        f"one of {' or '.join('+'.join(k) for k in SOURCE_KEYS)}")
                 headers = {k: _member_header(archive, k) for k in names}
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
             if isinstance(err, PairDataError):
                 raise
             raise PairDataError(f"shard {str(file)!r} is corrupt ({type(err).__name__}: {err})") from err
         lengths = {k: h[0][0] if h[0] else -1 for k, h in headers.items()}
-        if len(set(lengths.values())) != 1 or lengths["x0"] <= 0:
+        if len(set(lengths.values())) != 1 or lengths["x1"] <= 0:
             raise PairDataError(f"shard {file.name} is empty or its arrays disagree in length: {lengths}")
-        for k in REQUIRED_KEYS:
-            if headers[k][0][1:] != shape:
+        for k in ("x0", "x1"):
+            if k in headers and headers[k][0][1:] != shape:
                 raise PairDataError(f"shard {file.name}: {k} has sample shape {headers[k][0][1:]}, "
                                     f"pairs.json says {shape}")
         if keys is not None and names != keys:
             raise PairDataError(f"shard {file.name} has arrays {sorted(names)}, other shards {sorted(keys)}")
         keys = names
-        count += lengths["x0"]
+        count += lengths["x1"]
     return dict(meta, files=[str(f) for f in files], num_pairs_found=count, keys=sorted(keys))
 
 
@@ -144,7 +150,7 @@ def pair_batches(pair_dir: str | Path, batch_size: int, seed: int, start_step: i
     import tensorflow as tf
 
     info = inspect_pairs(pair_dir)
-    keys = info["keys"]
+    keys = [k for k in info["keys"] if k not in TEXT_KEYS]
     first = _load_shard(info["files"][0])
     specs = {k: tf.TensorSpec((None,) + first[k].shape[1:], tf.as_dtype(first[k].dtype)) for k in keys}
 
