@@ -33,7 +33,8 @@ def get_config():
 
     # 8x8x4 latents: the random folder's UNet sample_size 8 (16x16 images).
     config.data = ml_collections.ConfigDict({"name": "prompts", "latent_shape": (8, 8, 4),
-                                             "prompts": ml_collections.config_dict.placeholder(str)})
+                                             "prompts": ml_collections.config_dict.placeholder(str),
+                                             "data_dir": ml_collections.config_dict.placeholder(str)})
     # The student and 2-RF are the teacher's UNet (and frozen text encoder) as a velocity model.
     config.model = ml_collections.ConfigDict({"name": "sd_unet", "pretrained": config.teacher.get_ref("pretrained")})
     config.flow.cond_dropout = 0.1

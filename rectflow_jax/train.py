@@ -120,6 +120,16 @@ def drop_condition(key: jax.Array, cond: Mapping[str, jax.Array], null_cond: Map
 LossFn = Callable[[jax.Array, jax.Array, Any], jax.Array]  # (pred, target, frozen params) -> (B,)
 
 
+def batch_x0(batch: Mapping[str, jax.Array], source_fn: Callable, key: jax.Array) -> jax.Array:
+    """A batch's x0: stored, regenerated from its (noise_seed, noise_index) exactly as the
+    triplets were made, or drawn fresh from the source (1-RF)."""
+    if "x0" in batch:
+        return batch["x0"].astype(jnp.float32)
+    if "noise_seed" in batch:
+        return sampling.noise_from_seeds(batch["noise_seed"], batch["noise_index"], batch["x1"].shape[1:])
+    return source_fn(key, batch["x1"].shape[0])
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, objective: str,
                     loss: LossFn, time_sampler: Callable, source_fn: Callable,
                     ema_decay: Callable[[jax.Array], jax.Array], cond_dropout: float = 0.0,
@@ -142,12 +152,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, objec
         # Keys derive from the step, so a resumed run draws what an uninterrupted one would.
         key_t, key_x0, key_dropout, key_cond = jax.random.split(jax.random.fold_in(base_key, state.step), 4)
         x1, cond = batch["x1"].astype(jnp.float32), models.condition(batch)
-        if "x0" in batch:
-            x0 = batch["x0"].astype(jnp.float32)
-        elif "noise_seed" in batch:
-            x0 = sampling.noise_from_seeds(batch["noise_seed"], batch["noise_index"], x1.shape[1:])
-        else:
-            x0 = source_fn(key_x0, x1.shape[0])
+        x0 = batch_x0(batch, source_fn, key_x0)
         if cond is not None and cond_dropout:
             cond = drop_condition(key_cond, cond, null_cond, cond_dropout)
         frozen = frozen or {}

@@ -156,8 +156,10 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
 NEEDED_FLAGS = {"train": ("--config", "--workdir", "--pairs", "--checkpoint"),
                 "pairs": ("--config", "--checkpoint", "--out"),
                 "distill": ("--config", "--workdir", "--pairs", "--checkpoint"),
-                "sample": ("--config", "--checkpoint", "--out", "--pretrained", "--prompt", "--prompts_file"),
+                "sample": ("--config", "--checkpoint", "--out", "--pretrained", "--prompt", "--prompts_file",
+                           "--latents"),
                 "eval": ("--config", "--checkpoint"),
+                "export": ("--checkpoint", "--out"),
                 "pipeline": ("--config", "--workdir")}
 
 
