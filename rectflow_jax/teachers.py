@@ -245,6 +245,9 @@ def is_sd_teacher(path: str | Path) -> bool:
     """Whether `path` is a diffusers folder or a stage of model 'sd_unet' (else: one of our velocity stages)."""
     if sd_folder.is_pipeline_folder(path):
         return True
+    if not (Path(path) / "checkpoints").is_dir():
+        raise IncompatibleTeacher(f"teacher {str(path)!r} is neither a rectflow stage directory (checkpoints/) "
+                                  "nor a diffusers pipeline folder (model_index.json)")
     meta, _ = checkpoint.read_meta(path)
     return meta.get("model", {}).get("name") == "sd_unet"
 
