@@ -166,8 +166,8 @@ def test_our_loaders_read_it(folders):
     np.testing.assert_array_equal(np.asarray(unet_params["conv_in"]["bias"]), stored["conv_in.bias"])
     pipe = text_to_image.TextToImage.from_pretrained(folder)  # a RectifiedFlowPipeline: sampled as velocity
     assert pipe.latent_shape() == (8, 8, 4)
-    with pytest.raises(weights.WeightLoadError, match="StableDiffusionPipeline"):
-        text_to_image.TextToImage.from_pretrained(folders("stable_diffusion"))  # epsilon: refused
+    diffusion = text_to_image.TextToImage.from_pretrained(folders("stable_diffusion"))  # epsilon: a diffusion model
+    assert pipe.teacher.is_velocity and diffusion.teacher.parametrisation == "epsilon"
 
 
 def test_unet_and_text_encoder_match_diffusers(folders):

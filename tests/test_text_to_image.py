@@ -219,10 +219,26 @@ def test_cli_refuses_an_unknown_method(ref, tmp_path):
     assert not list(tmp_path.glob("*.png"))
 
 
-def test_cli_refuses_a_noise_prediction_folder(ref, tmp_path):
-    result = rectflow("sample", f"--pretrained={sd_folder(ref, tmp_path)}", "--prompt=a cat", f"--out={tmp_path}/o")
-    line = error_line(result)
-    assert "StableDiffusionPipeline" in line and "'epsilon'" in line and "prediction_type=velocity" in line
+def test_cli_samples_a_noise_prediction_folder_with_its_scheduler(ref, tmp_path):
+    folder = sd_folder(ref, tmp_path)
+    result = rectflow("sample", f"--pretrained={folder}", "--prompt=a cat", f"--out={tmp_path}/o",
+                      "--config.sample.num_steps=3", "--config.sample.method=dpm_solver++",
+                      "--config.sample.guidance_scale=3.0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = np.load(tmp_path / "o" / "latents.npz")
+    settings = json.loads((tmp_path / "o" / "prompts.json").read_text())
+    assert settings["parametrisation"] == "epsilon" and settings["method"] == "dpm_solver++"
+    expected, _ = TextToImage.from_pretrained(folder).generate(["a cat"], written["x0"], num_steps=3, guidance_scale=3.0,
+                                                               method="dpm_solver++", decode=False)
+    np.testing.assert_allclose(written["x1"], expected, rtol=0, atol=1e-5)
+    # A kind of folder we do not know is one line.
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (odd / name).symlink_to(ref.folder / name)
+    (odd / "model_index.json").write_text(json.dumps({**MODEL_INDEX, "_class_name": "KandinskyPipeline"}))
+    line = error_line(rectflow("sample", f"--pretrained={odd}", "--prompt=a cat", f"--out={tmp_path}/p"))
+    assert "KandinskyPipeline" in line and "prediction_type=velocity" in line
 
 
 def test_cli_bad_folder_is_one_line(ref, tmp_path):
@@ -283,14 +299,12 @@ def test_export_loads_in_diffusers_as_a_whole_pipeline(ref, pipe, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(reloaded.params), jax.device_get(params))
 
 
-def test_noise_prediction_folder_is_refused_unless_vouched_for(ref, tmp_path):
+def test_noise_prediction_folder_is_a_diffusion_model_unless_vouched_for(ref, tmp_path):
     folder = sd_folder(ref, tmp_path)
-    with pytest.raises(weights.WeightLoadError, match=r"StableDiffusionPipeline whose scheduler "
-                                                      r"\(DPMSolverMultistepScheduler\) predicts 'epsilon'"):
-        TextToImage.from_pretrained(folder)
+    assert TextToImage.from_pretrained(folder).teacher.parametrisation == "epsilon"
     vouched = TextToImage.from_pretrained(folder, prediction_type="velocity")
-    assert vouched.pipeline_class == "StableDiffusionPipeline"
-    with pytest.raises(text_to_image.TextToImageError, match="prediction_type must be one of auto, velocity"):
+    assert vouched.pipeline_class == "StableDiffusionPipeline" and vouched.teacher.is_velocity
+    with pytest.raises(weights.WeightLoadError, match="prediction_type must be one of auto, velocity"):
         TextToImage.from_pretrained(folder, prediction_type="epsilon")
 
 
@@ -455,12 +469,11 @@ def test_batches_split_over_the_devices(ref):
     single = TextToImage.from_pretrained(ref.folder, mesh=parallel.make_mesh({"data": 1}))
     prompts, x0 = [PROMPTS[i % 3] for i in range(devices)], noise(spread, list(range(devices)))
     latents, images = spread.generate(prompts, x0, num_steps=2, guidance_scale=2.0)
-    (compiled,) = spread._compiled.values()
-    x0_sharding = compiled.input_shardings[0][1]
-    assert x0_sharding.spec == parallel.batch_sharding(spread.mesh).spec and len(x0_sharding.device_set) == devices
+    (runner,) = spread._runners.values()
+    assert runner.chunk == devices and len(runner.rows.device_set) == devices  # rows split over every device
     one_latents, one_images = single.generate(prompts, x0, num_steps=2, guidance_scale=2.0)
     np.testing.assert_allclose(latents, one_latents, rtol=0, atol=1e-5)
     assert np.abs(images.astype(int) - one_images).max() <= 1
-    assert not spread.splits(1)  # a batch that does not divide runs on one device
+    # A batch that does not divide is padded to one that does (one compilation per batch size).
     np.testing.assert_allclose(spread.generate(prompts[:1], x0[:1], num_steps=2, guidance_scale=2.0)[0],
                                one_latents[:1], rtol=0, atol=1e-5)
