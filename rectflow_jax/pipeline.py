@@ -18,10 +18,10 @@ import numpy as np
 
 from rectflow_jax import (batch_runner, checkpoint, configlib, evaluate, flow, models, perceptual, plots, sampling,
                           sd_folder, teachers, train)
-from rectflow_jax.models import sd_velocity
-from rectflow_jax.text_conditioner import TextConditioner
 from rectflow_jax.configlib import ConfigError
 from rectflow_jax.data import datasets, pairs as pair_io, prompts
+from rectflow_jax.models import sd_velocity
+from rectflow_jax.text_conditioner import TextConditioner
 
 log = logging.getLogger("rectflow")
 
