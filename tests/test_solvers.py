@@ -53,6 +53,8 @@ def test_matches_diffusers_pipeline_at_25_steps_with_cfg(folder, method):
 
 
 def test_one_step_and_unguided_match_too(folder):
+    if "v_prediction" in str(folder):
+        pytest.skip("one parametrisation suffices here; both are checked at 25 steps with guidance")
     teacher = teachers.load_sd_teacher(folder)
     x0 = np.random.default_rng(1).standard_normal((2, 8, 8, 4)).astype(np.float32)
     for method, steps, scale in (("dpm_solver++", 1, 7.5), ("ddim", 3, 1.0), ("dpm_solver++", 7, 1.0)):
@@ -70,11 +72,11 @@ def test_solvers_converge_to_one_latent(tmp_path):
     config.update(timestep_spacing="trailing", set_alpha_to_one=True)
     config_path.write_text(json.dumps(config))
     teacher = teachers.load_sd_teacher(folder)
-    x0 = np.random.default_rng(2).standard_normal((2, 8, 8, 4)).astype(np.float32)
-    reference = solve(teacher, x0, "heun", 500, guidance_scale=1.0)
-    errors = {method: [rel_err(solve(teacher, x0, method, n, guidance_scale=1.0), reference) for n in (10, 40, 200)]
-              for method in ("ddim", "dpm_solver++", "heun")}
-    print(f"\n[solvers] error against 500 Heun steps at 10, 40, 200 steps: {errors}")
+    x0 = np.random.default_rng(2).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    reference = solve(teacher, x0, "heun", 400, guidance_scale=1.0, prompts=PROMPTS[:1])
+    errors = {method: [rel_err(solve(teacher, x0, method, n, guidance_scale=1.0, prompts=PROMPTS[:1]), reference)
+                       for n in (10, 40, 200)] for method in ("ddim", "dpm_solver++", "heun")}
+    print(f"\n[solvers] error against 400 Heun steps at 10, 40, 200 steps: {errors}")
     for method, (coarse, middle, fine) in errors.items():
         assert coarse > middle > fine, method
         assert fine < 2e-2, method

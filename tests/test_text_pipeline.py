@@ -21,8 +21,8 @@ CONFIG = str(ROOT / "configs" / "tiny_text_to_image.py")
 PROMPTS = ["a photo of a cat", "a red house by a lake", "a dog on the road", "a snowy mountain",
            "a green tree", "a small car", "a blue river", "the big house"]
 # The config's recipe at a size CI affords.
-SHORT = ["--config.pairs.num_pairs=128", "--config.pairs.shard_size=64", "--config.pairs.batch_size=64",
-         "--config.train.num_steps=150", "--config.train.batch_size=16", "--config.stages.distill.train.num_steps=60",
+SHORT = ["--config.pairs.num_pairs=64", "--config.pairs.shard_size=32", "--config.pairs.batch_size=32",
+         "--config.train.num_steps=100", "--config.train.batch_size=16", "--config.stages.distill.train.num_steps=40",
          "--config.eval.num_samples=8", "--config.mesh.data=1", "--quiet"]
 
 
