@@ -6,7 +6,6 @@ batch x and times t of shape (B,) in [0, 1] and integrates forward from t = 0.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -100,8 +99,6 @@ def _dpm_solver_pp_2m_step(velocity: VelocityFn, x, state: _History, t, t_next):
 STEPPERS = {"euler": Stepper(_no_state, _euler_step), "heun": Stepper(_no_state, _heun_step),
             "ddim": Stepper(_no_state, _euler_step), "dpm_solver++": Stepper(_dpm_init, _dpm_solver_pp_2m_step)}
 METHODS = tuple(sorted(STEPPERS))
-# Per step, how many velocity evaluations each method makes.
-EVALUATIONS = {"euler": 1, "ddim": 1, "dpm_solver++": 1, "heun": 2}
 
 
 def check_method(method: str) -> str:

@@ -120,10 +120,11 @@ class TextToImage:
         spare every call a cast of the ~1B float32 weights. The folder's kind (velocity or
         diffusion, sd_folder.parametrisation) is settled before any weight is read.
         """
+        compute_dtype(dtype)  # a bad dtype is refused before anything is read
         index = sd_folder.read_model_index(folder)
         sd_folder.parametrisation(folder, index, sd_folder.read_scheduler_config(folder), prediction_type)
         mesh = mesh or parallel.make_mesh(devices=jax.local_devices())
-        teacher = teachers.load_sd_teacher(folder, dtype=dtype if dtype in DTYPES else compute_dtype(dtype),
+        teacher = teachers.load_sd_teacher(folder, dtype=dtype,
                                            prediction_type=prediction_type, allow_pickle=allow_pickle,
                                            shardings=parallel.replicated(mesh))
         pipeline_class = index.get("_class_name", "")
@@ -137,9 +138,9 @@ class TextToImage:
                    mesh: jax.sharding.Mesh | None = None) -> "TextToImage":
         """A stage trained with model 'sd_unet' (2-RF, a distilled student): its EMA UNet, with the VAE,
         text encoder and tokenizer of the folder it was initialised from."""
+        compute_dtype(dtype)
         mesh = mesh or parallel.make_mesh(devices=jax.local_devices())
-        teacher = teachers.load_sd_teacher(stage_dir, dtype=compute_dtype(dtype) and dtype,
-                                           shardings=parallel.replicated(mesh))
+        teacher = teachers.load_sd_teacher(stage_dir, dtype=dtype, shardings=parallel.replicated(mesh))
         return cls._with_vae(teacher, teacher.pretrained, dtype, False, mesh, sd_folder.VELOCITY_PIPELINES[0])
 
     @classmethod

@@ -150,7 +150,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, objec
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array], base_key: jax.Array, frozen: Any = None):
         # Keys derive from the step, so a resumed run draws what an uninterrupted one would.
-        key_t, key_x0, key_dropout, key_cond = jax.random.split(jax.random.fold_in(base_key, state.step), 4)
+        step_key = jax.random.fold_in(base_key, state.step)
+        key_t, key_x0, key_dropout = jax.random.split(step_key, 3)
+        key_cond = jax.random.fold_in(step_key, 3)  # beside the split, so older runs keep their streams
         x1, cond = batch["x1"].astype(jnp.float32), models.condition(batch)
         x0 = batch_x0(batch, source_fn, key_x0)
         if cond is not None and cond_dropout:

@@ -10,7 +10,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from rectflow_jax.configlib import ConfigError  # noqa: E402
 from rectflow_jax.data import prompts as prompts_lib  # noqa: E402
-from rectflow_jax.data.prompts import PromptFileError, PromptSource, host_indices, load_prompts  # noqa: E402
+from rectflow_jax.data.prompts import PromptFileError, host_indices, load_prompts  # noqa: E402
 
 
 def load(path, data_dir, **options):
