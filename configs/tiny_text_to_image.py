@@ -14,8 +14,8 @@ that holds for any teacher, that reflow straightens its ODE.
     rectflow sample --pretrained runs/tiny/instaflow_tiny --prompt "a photo of a cat" \
         --out runs/tiny/samples --config.sample.num_steps=1
 
-Cost: about 3 minutes on 2 CPU cores. Expected, in runs/tiny/report/report.md: the
-teacher's 1-step vs 25-step gap is several times 2-RF's (teacher gap / 2-RF gap > 2),
+Cost: about 2 minutes on 2 CPU cores. Expected, in runs/tiny/report/report.md: the
+teacher's 1-step vs 25-step gap is many times 2-RF's (teacher gap / 2-RF gap about 20),
 and the distilled student's one step lands close to 2-RF's 25 steps.
 """
 

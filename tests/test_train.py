@@ -261,3 +261,14 @@ def test_distill_step_matches_the_loss_and_gradient_by_hand():
 def test_stage_with_unknown_objective_is_refused():
     with pytest.raises(ValueError, match="unknown objective 'flw'"):
         train.Stage(name="x", objective="flw", model=None, shape=(2,), num_classes=0, source_fn=None, batches=None)
+
+
+def test_condition_dropout_swaps_in_the_null_condition_at_its_rate():
+    ids = jnp.tile(jnp.arange(77, dtype=jnp.int32)[None], (4000, 1))
+    null = {"input_ids": np.full((1, 77), 7, np.int32)}
+    dropped = train.drop_condition(jax.random.key(0), {"input_ids": ids}, null, 0.25)["input_ids"]
+    is_null = np.all(np.asarray(dropped) == 7, axis=1)
+    kept = np.all(np.asarray(dropped) == np.asarray(ids), axis=1)
+    assert np.all(is_null | kept) and 0.22 < is_null.mean() < 0.28  # whole examples, at about the rate
+    labels = train.drop_condition(jax.random.key(1), {"label": jnp.arange(8)}, {"label": np.array([10])}, 0.0)
+    np.testing.assert_array_equal(labels["label"], np.arange(8))
