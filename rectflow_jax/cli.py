@@ -194,9 +194,13 @@ def run(command: str) -> None:
         t2i.TextToImage.from_stage(_need(_CHECKPOINT, command)).save_pretrained(out)
         print(f"wrote {out} (a RectifiedFlowPipeline folder)")
         return
-    if command == "sample" and (_PROMPT.value or _PROMPTS_FILE.value):
-        sample_pretrained(config, _need(_CHECKPOINT, command), _need(_OUT, command), progress=not _QUIET.value,
-                          stage=True)
+    if command in ("sample", "eval") and _CHECKPOINT.value and _is_text_stage(_CHECKPOINT.value):
+        if command == "eval":
+            raise UsageError("`rectflow eval` does not measure text-to-image stages yet; `rectflow pipeline` "
+                             "writes their report (W/report)")
+        if not (_PROMPT.value or _PROMPTS_FILE.value):
+            raise UsageError(f"{_CHECKPOINT.value!r} is a text-to-image stage: give --prompt or --prompts_file")
+        sample_pretrained(config, _CHECKPOINT.value, _need(_OUT, command), progress=not _QUIET.value, stage=True)
         return
     if not flags.FLAGS["config"].present:
         raise UsageError(f"`rectflow {command}` needs --config (e.g. configs/digits.py)")
@@ -232,6 +236,12 @@ def run(command: str) -> None:
         report = pipeline.run_pipeline(config, work, progress=progress)
         print(json.dumps(report["claims"], indent=2))
         print(f"report: {Path(work) / 'report' / 'report.md'}")
+
+
+def _is_text_stage(path: str) -> bool:
+    from rectflow_jax import teachers
+
+    return (Path(path) / "checkpoints").is_dir() and teachers.is_sd_teacher(path)
 
 
 def sample_pretrained(config, pretrained: str, out: str, progress: bool, stage: bool = False) -> None:

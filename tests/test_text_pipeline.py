@@ -35,6 +35,13 @@ def rectflow(*args, check=True, timeout=900):
     return result
 
 
+def error_line(result):
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [l for l in result.stderr.splitlines() if l.startswith("rectflow: error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[0]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_t2i")
@@ -89,3 +96,8 @@ def test_export_samples_at_one_step_like_the_stage(run):
     rectflow("sample", f"--pretrained={folder}", "--prompt=a photo of a cat", f"--out={again}",
              f"--latents={noise}", "--config.sample.num_steps=1", "--quiet")
     np.testing.assert_allclose(np.load(again / "latents.npz")["x1"], a["x1"], rtol=0, atol=1e-6)
+    # A text-to-image stage without prompts, or asked for digits metrics, is one line.
+    stage = root / "w" / "distill"
+    assert "give --prompt" in error_line(rectflow("sample", f"--checkpoint={stage}", f"--out={root / 'x'}",
+                                                  check=False))
+    assert "W/report" in error_line(rectflow("eval", f"--checkpoint={stage}", f"--config={CONFIG}", check=False))
