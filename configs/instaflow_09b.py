@@ -35,6 +35,7 @@ def get_config():
                                              "prompts": ml_collections.config_dict.placeholder(str),
                                              "data_dir": ml_collections.config_dict.placeholder(str)})
     config.model = ml_collections.ConfigDict({"name": "sd_unet", "pretrained": config.teacher.get_ref("pretrained"),
+                                              "clip_skip": config.teacher.get_ref("clip_skip"),
                                               "dtype": "bfloat16", "param_dtype": "float32", "remat": True})
 
     config.optim.lr = 1e-6

@@ -44,6 +44,7 @@ def get_config(phase: str = "phase1"):
                                              "data_dir": ml_collections.config_dict.placeholder(str)})
     # SD 1.5's UNet as a velocity model: bf16 compute, float32 master weights, remat per block.
     config.model = ml_collections.ConfigDict({"name": "sd_unet", "pretrained": config.teacher.get_ref("pretrained"),
+                                              "clip_skip": config.teacher.get_ref("clip_skip"),
                                               "dtype": "bfloat16", "param_dtype": "float32", "remat": True})
     config.flow.cond_dropout = 0.1
 

@@ -36,7 +36,8 @@ def get_config():
                                              "prompts": ml_collections.config_dict.placeholder(str),
                                              "data_dir": ml_collections.config_dict.placeholder(str)})
     # The student and 2-RF are the teacher's UNet (and frozen text encoder) as a velocity model.
-    config.model = ml_collections.ConfigDict({"name": "sd_unet", "pretrained": config.teacher.get_ref("pretrained")})
+    config.model = ml_collections.ConfigDict({"name": "sd_unet", "pretrained": config.teacher.get_ref("pretrained"),
+                                              "clip_skip": config.teacher.get_ref("clip_skip")})
     config.flow.cond_dropout = 0.1
 
     config.optim.lr = 3e-4

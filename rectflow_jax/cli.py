@@ -276,7 +276,7 @@ def sample_pretrained(config, pretrained: str, out: str, progress: bool, stage: 
         pipe = t2i.TextToImage.from_stage(pretrained, dtype=cfg.dtype)
     else:
         pipe = t2i.TextToImage.from_pretrained(pretrained, dtype=cfg.dtype, allow_pickle=_ALLOW_PICKLE.value,
-                                               prediction_type=cfg.prediction_type)
+                                               prediction_type=cfg.prediction_type, clip_skip=cfg.get("clip_skip", 0))
     common = dict(num_steps=cfg.num_steps, method=cfg.method, guidance_scale=cfg.guidance_scale,
                   negative_prompt=cfg.negative_prompt, batch_size=cfg.batch_size, height=cfg.height,
                   width=cfg.width, save_latents=cfg.save_latents, progress=progress)

@@ -99,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher.guidance_scale = 5.0
     c.teacher.negative_prompt = ""
     c.teacher.dtype = "float32"
+    c.teacher.clip_skip = 0               # text-encoder layers skipped at the end, as diffusers' clip_skip
 
     c.sample = ml_collections.ConfigDict()
     c.sample.num_steps = 1
@@ -112,6 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.height = config_dict.placeholder(int)   # pixels; unset: unet sample_size * VAE factor
     c.sample.width = config_dict.placeholder(int)
     c.sample.dtype = "float32"            # compute and parameter dtype: float32 | bfloat16
+    c.sample.clip_skip = 0                # text-to-image from a folder: text-encoder layers skipped at the end
     c.sample.images_per_prompt = 1
     c.sample.num_frames = 8               # with --interpolate_seeds=A,B
     c.sample.save_latents = True          # latents.npz (x0, x1); off for very large runs

@@ -233,7 +233,8 @@ def generate_text_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *,
     num_shards = _check_pair_sizes(cfg)
     sampling.check_method(settings.method)
     teacher = teachers.load_sd_teacher(teacher_dir, dtype=settings.get("dtype", "float32"),
-                                       prediction_type=config.sample.prediction_type, finished=True)
+                                       prediction_type=config.sample.prediction_type, finished=True,
+                                       clip_skip=settings.get("clip_skip"))
     if tuple(teacher.latent_shape) != tuple(dataset.shape):
         raise teachers.IncompatibleTeacher(f"teacher {str(teacher_dir)!r} makes latents of shape "
                                            f"{teacher.latent_shape}, but data.latent_shape is {tuple(dataset.shape)}")
@@ -503,7 +504,8 @@ def write_text_report(config, workdir: str | Path) -> dict[str, Any]:
     teacher_cfg, pairs_cfg = config.teacher, config.pairs
     reflow = _needs_reflow(config, config.teacher.pretrained)
     models_ = {"teacher": t2i.TextToImage.from_pretrained(config.teacher.pretrained,
-                                                         prediction_type=config.sample.prediction_type),
+                                                         prediction_type=config.sample.prediction_type,
+                                                         clip_skip=teacher_cfg.get("clip_skip", 0)),
                "distill": t2i.TextToImage.from_stage(work / "distill")}
     if reflow:
         models_["2rf"] = t2i.TextToImage.from_stage(work / "2rf")

@@ -197,10 +197,13 @@ class SDTeacher:
 
 
 def load_sd_teacher(path: str | Path, *, dtype: str = "float32", prediction_type: str = "auto",
-                    allow_pickle: bool = False, shardings: Any = None, finished: bool = False) -> SDTeacher:
+                    allow_pickle: bool = False, shardings: Any = None, finished: bool = False,
+                    clip_skip: int | None = None) -> SDTeacher:
     """An SD folder (either kind) or a stage trained with model 'sd_unet', as an SDTeacher.
 
     `shardings`: where to place the params (a Sharding), e.g. replicated over a mesh.
+    `clip_skip`: text-encoder layers skipped at the end (diffusers' clip_skip); a stage
+    uses the one it was trained with unless told otherwise.
     """
     if dtype not in DTYPES:
         raise sampling.SamplerError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -213,6 +216,7 @@ def load_sd_teacher(path: str | Path, *, dtype: str = "float32", prediction_type
                                                                  allow_pickle=allow_pickle, shardings=shardings)
         provenance = {"run_hash": f"folder:{sd_folder.fingerprint(path)}", "step": 0}
         pretrained, params, source_kind = str(path), {"unet": unet_params}, "folder"
+        trained_skip = 0
     else:
         meta, step = checkpoint.read_meta(path)
         if meta.get("model", {}).get("name") != "sd_unet":
@@ -231,10 +235,12 @@ def load_sd_teacher(path: str | Path, *, dtype: str = "float32", prediction_type
         params = {"unet": jax.tree_util.tree_map(lambda a: jnp.asarray(a, kind), restored["unet"])}
         scheduler, parametrisation, source_kind = sd_folder.read_scheduler_config(pretrained), "velocity", "stage"
         provenance = {"run_hash": str(meta.get("run_hash", "")), "step": int(step)}
+        trained_skip = model.clip_skip
     text_encoder, text_params = CLIPTextModel.from_pretrained(pretrained, "text_encoder", dtype=kind, param_dtype=kind,
                                                               allow_pickle=allow_pickle, shardings=shardings)
     params["text_encoder"] = text_params
-    text = TextConditioner(sd_folder.load_tokenizer(pretrained), text_encoder)
+    text = TextConditioner(sd_folder.load_tokenizer(pretrained), text_encoder,
+                           clip_skip=trained_skip if clip_skip is None else clip_skip)
     width, context = text_encoder.hidden_size, unet.cross_attention_dim
     if (context if isinstance(context, int) else context[0]) != width:
         raise WeightLoadError(f"{str(path)!r}: the UNet attends to {context}-wide text but the text encoder gives {width}")

@@ -97,7 +97,7 @@ class TextToImage:
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer,
                  params: dict[str, Any], *, pipeline_class: str = sd_folder.VELOCITY_PIPELINES[0], source: str = "",
                  mesh: jax.sharding.Mesh | None = None, scheduler_config: dict[str, Any] | None = None,
-                 parametrisation: str = "velocity", provenance: dict | None = None):
+                 parametrisation: str = "velocity", provenance: dict | None = None, clip_skip: int = 0):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         # Data parallel over this host's devices: params on every device, put once, not per call.
         self.mesh = mesh or parallel.make_mesh(devices=jax.local_devices())
@@ -105,15 +105,17 @@ class TextToImage:
         self.pipeline_class, self.source = pipeline_class, source
         self.scheduler_config = scheduler_config
         self.teacher = teachers.SDTeacher(
-            unet, TextConditioner(tokenizer, text_encoder), {k: self.params[k] for k in ("unet", "text_encoder")},
-            parametrisation, scheduler_config, source, source, provenance or {}, "folder")
+            unet, TextConditioner(tokenizer, text_encoder, clip_skip=clip_skip),
+            {k: self.params[k] for k in ("unet", "text_encoder")}, parametrisation, scheduler_config, source, source,
+            provenance or {}, "folder")
         self._runners: dict[tuple, batch_runner.BatchRunner] = {}
         self.traces = 0  # how often the sampler was traced: one per compilation
         self._check_compatible()
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, dtype: str = "float32", allow_pickle: bool = False,
-                        mesh: jax.sharding.Mesh | None = None, prediction_type: str = "auto") -> "TextToImage":
+                        mesh: jax.sharding.Mesh | None = None, prediction_type: str = "auto",
+                        clip_skip: int = 0) -> "TextToImage":
         """Loads unet/, vae/, text_encoder/ and tokenizer/, computing in `dtype` and storing the params in it.
 
         bfloat16 params, as diffusers' `torch_dtype=torch.bfloat16`, halve the memory and
@@ -126,7 +128,7 @@ class TextToImage:
         mesh = mesh or parallel.make_mesh(devices=jax.local_devices())
         teacher = teachers.load_sd_teacher(folder, dtype=dtype,
                                            prediction_type=prediction_type, allow_pickle=allow_pickle,
-                                           shardings=parallel.replicated(mesh))
+                                           shardings=parallel.replicated(mesh), clip_skip=clip_skip)
         pipeline_class = index.get("_class_name", "")
         if teacher.is_velocity and pipeline_class not in sd_folder.VELOCITY_PIPELINES:
             log.info("%s is a %s; sampling its UNet as a velocity field, as asked (prediction_type=velocity)",
@@ -157,7 +159,7 @@ class TextToImage:
         return cls(teacher.unet, vae, teacher.text.text_encoder, teacher.text.tokenizer, params,
                    pipeline_class=pipeline_class, source=teacher.source, mesh=mesh,
                    scheduler_config=teacher.scheduler_config, parametrisation=teacher.parametrisation,
-                   provenance=teacher.provenance)
+                   provenance=teacher.provenance, clip_skip=teacher.text.clip_skip)
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Writes a whole velocity pipeline folder (sd_folder.write_pipeline_folder) that diffusers,
