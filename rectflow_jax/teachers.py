@@ -224,14 +224,15 @@ def load_sd_teacher(path: str | Path, *, dtype: str = "float32", prediction_type
                                       "not a text-to-image model ('sd_unet')")
         if finished:
             finished_provenance(path, meta, step)
-        model_config = {k: v for k, v in meta["model"].items() if k != "name"} | {"dtype": dtype, "param_dtype": dtype}
-        model = SDVelocity.from_model_config(model_config)
+        stored = {k: v for k, v in meta["model"].items() if k != "name"}
+        model = SDVelocity.from_model_config(stored)  # as trained: the checkpoint's parameter dtype
         abstract = train.abstract_params(model, tuple(meta["shape"]), int(meta["num_classes"]))
         if shardings is not None:
             abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings),
                                               abstract)
         restored = checkpoint.restore_params(path, abstract)
-        unet, pretrained = model.unet, str(meta["model"]["pretrained"])
+        unet = SDVelocity.from_model_config(stored | {"dtype": dtype, "param_dtype": dtype}).unet
+        pretrained = str(meta["model"]["pretrained"])
         params = {"unet": jax.tree_util.tree_map(lambda a: jnp.asarray(a, kind), restored["unet"])}
         scheduler, parametrisation, source_kind = sd_folder.read_scheduler_config(pretrained), "velocity", "stage"
         provenance = {"run_hash": str(meta.get("run_hash", "")), "step": int(step)}
