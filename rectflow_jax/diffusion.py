@@ -73,8 +73,7 @@ class Schedule(NamedTuple):
     @property
     def rf_times(self) -> np.ndarray:
         """r = a / (a + s) of every training timestep, float32 (decreasing in tau)."""
-        a, s = np.sqrt(self.alphas_cumprod), np.sqrt(1.0 - self.alphas_cumprod)
-        return (a / (a + s)).astype(np.float32)
+        return rf_time_of_alpha_bar(self.alphas_cumprod)
 
 
 def _betas(settings: Mapping[str, Any]) -> np.ndarray:

@@ -130,7 +130,6 @@ class SDTeacher:
     pretrained: str         # the folder holding its VAE, text encoder and tokenizer
     source: str             # what it was loaded from (a folder or a stage directory)
     provenance: dict        # {'run_hash', 'step'}: a stage's checkpoint, or 'folder:<fingerprint>' and 0
-    kind: str               # 'folder' | 'stage'
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -215,7 +214,7 @@ def load_sd_teacher(path: str | Path, *, dtype: str = "float32", prediction_type
         unet, unet_params = UNet2DConditionModel.from_pretrained(path, "unet", dtype=kind, param_dtype=kind,
                                                                  allow_pickle=allow_pickle, shardings=shardings)
         provenance = {"run_hash": f"folder:{sd_folder.fingerprint(path)}", "step": 0}
-        pretrained, params, source_kind = str(path), {"unet": unet_params}, "folder"
+        pretrained, params = str(path), {"unet": unet_params}
         trained_skip = 0
     else:
         meta, step = checkpoint.read_meta(path)
@@ -234,7 +233,7 @@ def load_sd_teacher(path: str | Path, *, dtype: str = "float32", prediction_type
         unet = SDVelocity.from_model_config(stored | {"dtype": dtype, "param_dtype": dtype}).unet
         pretrained = str(meta["model"]["pretrained"])
         params = {"unet": jax.tree_util.tree_map(lambda a: jnp.asarray(a, kind), restored["unet"])}
-        scheduler, parametrisation, source_kind = sd_folder.read_scheduler_config(pretrained), "velocity", "stage"
+        scheduler, parametrisation = sd_folder.read_scheduler_config(pretrained), "velocity"
         provenance = {"run_hash": str(meta.get("run_hash", "")), "step": int(step)}
         trained_skip = model.clip_skip
     text_encoder, text_params = CLIPTextModel.from_pretrained(pretrained, "text_encoder", dtype=kind, param_dtype=kind,
@@ -245,7 +244,7 @@ def load_sd_teacher(path: str | Path, *, dtype: str = "float32", prediction_type
     width, context = text_encoder.hidden_size, unet.cross_attention_dim
     if (context if isinstance(context, int) else context[0]) != width:
         raise WeightLoadError(f"{str(path)!r}: the UNet attends to {context}-wide text but the text encoder gives {width}")
-    return SDTeacher(unet, text, params, parametrisation, scheduler, pretrained, str(path), provenance, source_kind)
+    return SDTeacher(unet, text, params, parametrisation, scheduler, pretrained, str(path), provenance)
 
 
 def is_sd_teacher(path: str | Path) -> bool:

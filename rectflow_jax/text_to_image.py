@@ -97,7 +97,7 @@ class TextToImage:
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer,
                  params: dict[str, Any], *, pipeline_class: str = sd_folder.VELOCITY_PIPELINES[0], source: str = "",
                  mesh: jax.sharding.Mesh | None = None, scheduler_config: dict[str, Any] | None = None,
-                 parametrisation: str = "velocity", provenance: dict | None = None, clip_skip: int = 0):
+                 parametrisation: str = "velocity", clip_skip: int = 0):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         # Data parallel over this host's devices: params on every device, put once, not per call.
         self.mesh = mesh or parallel.make_mesh(devices=jax.local_devices())
@@ -107,7 +107,7 @@ class TextToImage:
         self.teacher = teachers.SDTeacher(
             unet, TextConditioner(tokenizer, text_encoder, clip_skip=clip_skip),
             {k: self.params[k] for k in ("unet", "text_encoder")}, parametrisation, scheduler_config, source, source,
-            provenance or {}, "folder")
+            {})
         self._runners: dict[tuple, batch_runner.BatchRunner] = {}
         self.traces = 0  # how often the sampler was traced: one per compilation
         self._check_compatible()
@@ -120,16 +120,14 @@ class TextToImage:
 
         bfloat16 params, as diffusers' `torch_dtype=torch.bfloat16`, halve the memory and
         spare every call a cast of the ~1B float32 weights. The folder's kind (velocity or
-        diffusion, sd_folder.parametrisation) is settled before any weight is read.
+        diffusion, sd_folder.parametrisation) is settled by `load_sd_teacher` before any weight is read.
         """
         compute_dtype(dtype)  # a bad dtype is refused before anything is read
-        index = sd_folder.read_model_index(folder)
-        sd_folder.parametrisation(folder, index, sd_folder.read_scheduler_config(folder), prediction_type)
+        pipeline_class = sd_folder.read_model_index(folder).get("_class_name", "")  # a pipeline folder, or one line
         mesh = mesh or parallel.make_mesh(devices=jax.local_devices())
         teacher = teachers.load_sd_teacher(folder, dtype=dtype,
                                            prediction_type=prediction_type, allow_pickle=allow_pickle,
                                            shardings=parallel.replicated(mesh), clip_skip=clip_skip)
-        pipeline_class = index.get("_class_name", "")
         if teacher.is_velocity and pipeline_class not in sd_folder.VELOCITY_PIPELINES:
             log.info("%s is a %s; sampling its UNet as a velocity field, as asked (prediction_type=velocity)",
                      folder, pipeline_class or "pipeline")
@@ -159,7 +157,7 @@ class TextToImage:
         return cls(teacher.unet, vae, teacher.text.text_encoder, teacher.text.tokenizer, params,
                    pipeline_class=pipeline_class, source=teacher.source, mesh=mesh,
                    scheduler_config=teacher.scheduler_config, parametrisation=teacher.parametrisation,
-                   provenance=teacher.provenance, clip_skip=teacher.text.clip_skip)
+                   clip_skip=teacher.text.clip_skip)
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Writes a whole velocity pipeline folder (sd_folder.write_pipeline_folder) that diffusers,
@@ -226,8 +224,6 @@ class TextToImage:
         `method`: euler or heun for velocity UNets (euler, as InstaFlow's pipeline); ddim or
         dpm_solver++ (and euler / heun on DPM-Solver's grid) for diffusion UNets.
         """
-        sampling.check_method(method)
-        self.teacher.time_grid(method, num_steps)  # a scheduler this cannot honour fails before compiling
         x0 = np.asarray(x0, np.float32)
         ids = np.asarray(ids, np.int32)
         if len(ids) != len(x0):
@@ -244,6 +240,8 @@ class TextToImage:
         """The batch runner of one (batch size, solver) setting; it compiles once per input shape."""
         key = (batch, num_steps, method, guided)
         if key not in self._runners:
+            # Once per setting: an unknown method or a scheduler this cannot honour fails before compiling.
+            self.teacher.time_grid(method, num_steps)
             solve = functools.partial(self._solve, num_steps=num_steps, method=method, guided=guided)
             self._runners[key] = batch_runner.BatchRunner(solve, batch, mesh=self.mesh)
         return self._runners[key]

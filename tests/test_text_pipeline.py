@@ -6,17 +6,13 @@ step lands much closer to its own 25 steps than the teacher's one step does to t
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import ROOT, error_line, rectflow
 
 from rectflow_jax import random_folder
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_text_to_image.py")
 PROMPTS = ["a photo of a cat", "a red house by a lake", "a dog on the road", "a snowy mountain",
            "a green tree", "a small car", "a blue river", "the big house"]
@@ -24,22 +20,6 @@ PROMPTS = ["a photo of a cat", "a red house by a lake", "a dog on the road", "a 
 SHORT = ["--config.pairs.num_pairs=64", "--config.pairs.shard_size=32", "--config.pairs.batch_size=32",
          "--config.train.num_steps=100", "--config.train.batch_size=16", "--config.stages.distill.train.num_steps=40",
          "--config.eval.num_samples=8", "--config.mesh.data=1", "--quiet"]
-
-
-def rectflow(*args, check=True, timeout=900):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", RECTFLOW_TRACEBACK="")
-    result = subprocess.run([sys.executable, "-m", "rectflow_jax.cli", *map(str, args)], capture_output=True,
-                            text=True, env=env, timeout=timeout, cwd=ROOT)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def error_line(result):
-    assert result.returncode == 2, result.stderr[-3000:]
-    lines = [l for l in result.stderr.splitlines() if l.startswith("rectflow: error:")]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,32 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_helpers import ROOT, error_line, rectflow
 
 from rectflow_jax import configlib, pipeline, random_folder, sampling, teachers, train
 from rectflow_jax.data import pairs as pair_io
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_text_to_image.py")
 PROMPTS = ["a photo of a cat", "a red house by a lake", "a dog on the road", "", "a snowy mountain"]
 NUM_PAIRS, SHARD = 60, 12
-
-
-def rectflow(*args, check=True, timeout=600, **popen):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", RECTFLOW_TRACEBACK="")
-    command = [sys.executable, "-m", "rectflow_jax.cli", *map(str, args)]
-    if popen:
-        return subprocess.Popen(command, env=env, cwd=ROOT, **popen)
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def error_line(result):
-    assert result.returncode == 2, result.stderr[-3000:]
-    lines = [l for l in result.stderr.splitlines() if l.startswith("rectflow: error:")]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
