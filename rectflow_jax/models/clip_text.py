@@ -7,6 +7,10 @@ so every transformers version reads the folder.
 
     clip, params = CLIPTextModel.from_pretrained(folder, "text_encoder")
     hidden = clip.apply({"params": params}, input_ids)   # (B, 77, D) last_hidden_state
+    pooled = clip.apply({"params": params}, input_ids, method=CLIPTextModel.pooled_output)  # (B, D)
+
+The attention, encoder-layer and encoder modules take `causal` (default True, the text
+model's); CLIP's vision tower (clip_vision.py) reuses them with causal=False.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class CLIPAttention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    causal: bool = True  # the text model's; CLIP's vision tower attends over all patches
 
     @nn.compact
     def __call__(self, x):
@@ -42,7 +47,7 @@ class CLIPAttention(nn.Module):
         width = x.shape[-1]
         q, k, v = (dense(width, axes=("embed", "heads"), name=n, **kw)(x) for n in ("q_proj", "k_proj", "v_proj"))
         # Causal even over padding: SD feeds no attention mask, so pads see the prompt.
-        y = multi_head_attention(q, k, v, self.num_heads, is_causal=True)
+        y = multi_head_attention(q, k, v, self.num_heads, is_causal=self.causal)
         return dense(width, axes=("heads", "embed"), name="out_proj", **kw)(y)
 
 
@@ -66,11 +71,12 @@ class CLIPEncoderLayer(nn.Module):
     layer_norm_eps: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = x + CLIPAttention(self.num_heads, name="self_attn", **kw)(
+        x = x + CLIPAttention(self.num_heads, name="self_attn", causal=self.causal, **kw)(
             layer_norm(self.layer_norm_eps, name="layer_norm1", **kw)(x))
         return x + CLIPMLP(self.intermediate_size, self.hidden_act, name="mlp", **kw)(
             layer_norm(self.layer_norm_eps, name="layer_norm2", **kw)(x))
@@ -99,24 +105,44 @@ class CLIPEncoder(nn.Module):
     layer_norm_eps: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x, num_layers: int):
         for i in range(num_layers):
             x = CLIPEncoderLayer(self.num_heads, self.intermediate_size, self.hidden_act, self.layer_norm_eps,
-                                 name=f"layers_{i}", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+                                 name=f"layers_{i}", dtype=self.dtype, param_dtype=self.param_dtype,
+                                 causal=self.causal)(x)
         return x
+
+
+# Configs written before transformers PR #24773 carry eos_token_id 2, the wrong id; for
+# them transformers pools at the largest token id (CLIP's EOS is the last of the vocabulary).
+LEGACY_EOS_TOKEN_ID = 2
+
+
+def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
+    """(B, L) ids -> (B,) position that transformers' CLIPTextModel pools (its pooler_output).
+
+    eos_token_id == 2 (legacy configs): the argmax of the ids; otherwise the first position
+    holding eos_token_id (0 where a row has none, as torch's argmax of an all-false row).
+    """
+    if not isinstance(eos_token_id, (int, np.integer)) or isinstance(eos_token_id, bool):
+        raise ValueError(f"the pooled output needs one integer eos_token_id, the config has {eos_token_id!r}")
+    if eos_token_id == LEGACY_EOS_TOKEN_ID:
+        return jnp.argmax(input_ids, axis=-1)
+    return jnp.argmax(input_ids == eos_token_id, axis=-1)
 
 
 # Config keys that become module fields; the whole config is kept verbatim in `config_json`.
 _FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-           "max_position_embeddings", "hidden_act", "layer_norm_eps")
-# Keys transformers' CLIPTextModel never reads on the way to last_hidden_state: the token
-# ids (tokenizer and pooled output), projection_dim (CLIPTextModelWithProjection), torch
+           "max_position_embeddings", "hidden_act", "layer_norm_eps", "eos_token_id")
+# Keys transformers' CLIPTextModel never reads (eos_token_id, a field, only picks the pooled
+# token): the other token ids (tokenizer), projection_dim (CLIPTextModelWithProjection), torch
 # init scales, and the generic PretrainedConfig keys of transformers 5 and 4 (output
 # flags, storage dtype, chunking, which does not change the maths, generation settings).
 _METADATA = (
-    "projection_dim", "initializer_range", "initializer_factor", "bos_token_id", "eos_token_id", "pad_token_id",
+    "projection_dim", "initializer_range", "initializer_factor", "bos_token_id", "pad_token_id",
     "transformers_version", "architectures", "output_hidden_states", "output_attentions", "return_dict", "dtype",
     "torch_dtype", "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "num_labels",
     "problem_type", "name_or_path", "torchscript", "use_bfloat16", "tf_legacy_loss", "tie_word_embeddings",
@@ -136,7 +162,10 @@ _ONLY = {"hidden_act": tuple(ACTIVATIONS), "attention_dropout": (0,), "dropout":
 
 
 class CLIPTextModel(nn.Module):
-    """transformers `CLIPTextModel` (defaults as in `CLIPTextConfig`), without the pooled output.
+    """transformers `CLIPTextModel` (defaults as in `CLIPTextConfig`).
+
+    `__call__` gives last_hidden_state; the method `pooled_output` gives transformers'
+    pooler_output, the hidden state at the EOS token (`eos_positions`).
 
     `config_json` holds the JSON text of the config the module was built from (linen
     fields must be hashable); `config` overlays the fields on it and is what
@@ -152,6 +181,7 @@ class CLIPTextModel(nn.Module):
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    eos_token_id: int = 49407
     config_json: str = "{}"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -172,6 +202,14 @@ class CLIPTextModel(nn.Module):
                         name="encoder", **kw)(x, self.num_hidden_layers - clip_skip)
         return layer_norm(self.layer_norm_eps, name="final_layer_norm", **kw)(x).astype(jnp.float32)
 
+    def pooled_output(self, input_ids: jax.Array) -> jax.Array:
+        """(B, L) token ids -> (B, hidden_size): transformers' pooler_output, float32.
+
+        Use as `clip.apply({"params": params}, input_ids, method=CLIPTextModel.pooled_output)`.
+        """
+        hidden = self(input_ids)
+        return hidden[jnp.arange(hidden.shape[0]), eos_positions(input_ids, self.eos_token_id)]
+
     @property
     def config(self) -> dict[str, Any]:
         """The transformers config.json of this module."""
@@ -186,6 +224,8 @@ class CLIPTextModel(nn.Module):
         """
         weights.check_config("CLIP text", config, _FIELDS + _METADATA, _ONLY)
         fields = {k: config[k] for k in _FIELDS if k in config}
+        if isinstance(fields.get("eos_token_id"), list):  # transformers allows several; linen fields hash
+            fields["eos_token_id"] = tuple(fields["eos_token_id"])
         return cls(**fields, config_json=json.dumps(config, sort_keys=True), **kwargs)
 
     def dummy_inputs(self, batch: int = 1) -> tuple[jax.Array]:

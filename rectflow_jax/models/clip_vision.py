@@ -1,0 +1,214 @@
+"""Flax port of transformers' `CLIPVisionModel`, the image tower of CLIP (for CLIP score).
+
+Submodules carry the PyTorch attribute names of transformers >= 5 (`embeddings`,
+`pre_layrnorm` (sic), `encoder/layers_N`, `post_layernorm`); the encoder is clip_text's
+CLIPEncoder with causal=False. Two tensors are bare nn.Parameters in PyTorch, named
+without a `.weight` suffix: `embeddings.class_embedding` here and CLIPModel's
+`logit_scale`; `load_pretrained` below maps those (leaves named in BARE_LEAVES) by their
+path alone and every other one by rectflow_jax.weights' mechanical rule.
+
+    vision, params = CLIPVisionModel.from_pretrained(folder)
+    hidden, pooled = vision.apply({"params": params}, pixel_values)  # NHWC, already normalised
+
+`pixel_values` are (B, image_size, image_size, num_channels), channels last (transformers
+takes NCHW); `hidden` is last_hidden_state (B, 1 + patches, D), `pooled` transformers'
+pooler_output (post_layernorm of the class token), both float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from rectflow_jax import weights
+from rectflow_jax.models import clip_text
+from rectflow_jax.models.clip_text import CLIPEncoder
+from rectflow_jax.models.layers import Dtype, default_kernel_init, embed, layer_norm
+
+PREFIX = "vision_model."
+# Leaves whose PyTorch name is their Flax path joined by dots (bare nn.Parameters).
+BARE_LEAVES = frozenset({"class_embedding", "logit_scale"})
+IGNORE = (r"position_ids$",)  # buffers that old transformers versions saved
+
+
+class PatchEmbedding(nn.Module):
+    """transformers' bias-free patch conv (kernel = stride = patch_size) as one matmul.
+
+    The parameter is a conv `kernel` (p, p, in, out), so it loads as a Conv2d weight.
+    Pixels beyond the last whole patch are dropped, as the strided conv drops them.
+    """
+    features: int
+    patch_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B, H, W, C) -> (B, (H // p) * (W // p), features), patches in row-major order."""
+        p = self.patch_size
+        b, h, w, c = x.shape
+        kernel = self.param("kernel", nn.with_logical_partitioning(default_kernel_init, (None, None, "embed", "mlp")),
+                            (p, p, c, self.features), self.param_dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        gh, gw = h // p, w // p
+        # Patch features ordered (dy, dx, channel), as the kernel's reshape orders its rows.
+        patches = x[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+        return jnp.einsum("bnk,ko->bno", patches.reshape(b, gh * gw, p * p * c), kernel.reshape(-1, self.features))
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    hidden_size: int
+    image_size: int
+    patch_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        patches = PatchEmbedding(self.hidden_size, self.patch_size, name="patch_embedding", **kw)(pixel_values)
+        cls = self.param("class_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+                         (self.hidden_size,), self.param_dtype)
+        num_positions = (self.image_size // self.patch_size) ** 2 + 1
+        positions = embed(num_positions, self.hidden_size, name="position_embedding", **kw)(jnp.arange(num_positions))
+        cls = jnp.broadcast_to(cls.astype(patches.dtype), (patches.shape[0], 1, self.hidden_size))
+        return jnp.concatenate([cls, patches], axis=1) + positions
+
+
+# Config keys that become module fields; the whole config is kept verbatim in `config_json`.
+_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+           "image_size", "patch_size", "hidden_act", "layer_norm_eps")
+# The text config's metadata (generic PretrainedConfig keys, init scales, projection_dim:
+# CLIPModel reads its own), and eos_token_id, which transformers 4 wrote into every config.
+_METADATA = clip_text._METADATA + ("eos_token_id",)
+_ONLY = {**clip_text._ONLY, "model_type": ("clip_vision_model",)}
+
+
+class CLIPVisionModel(nn.Module):
+    """transformers `CLIPVisionModel` (defaults as in `CLIPVisionConfig`), at its own image size.
+
+    No `interpolate_pos_encoding`: pixel_values must be image_size square, as transformers
+    requires by default. `dtype` is the compute dtype, `param_dtype` the storage dtype.
+    """
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    config_json: str = "{}"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(B, S, S, C) normalised pixels -> (last_hidden_state (B, 1 + (S // p)**2, D), pooled (B, D))."""
+        want = (self.image_size, self.image_size, self.num_channels)
+        if tuple(pixel_values.shape[1:]) != want:
+            raise ValueError(f"CLIP vision takes pixel_values of shape (B, {', '.join(map(str, want))}) "
+                             f"(NHWC), got {tuple(pixel_values.shape)}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = CLIPVisionEmbeddings(self.hidden_size, self.image_size, self.patch_size, name="embeddings", **kw)(
+            pixel_values)
+        x = layer_norm(self.layer_norm_eps, name="pre_layrnorm", **kw)(x)
+        x = CLIPEncoder(self.num_attention_heads, self.intermediate_size, self.hidden_act, self.layer_norm_eps,
+                        name="encoder", causal=False, **kw)(x, self.num_hidden_layers)
+        pooled = layer_norm(self.layer_norm_eps, name="post_layernorm", **kw)(x[:, 0])
+        return x.astype(jnp.float32), pooled.astype(jnp.float32)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The transformers config.json of this module."""
+        return {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model",
+                **json.loads(self.config_json), **{k: getattr(self, k) for k in _FIELDS}}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], **kwargs) -> "CLIPVisionModel":
+        """Module from a transformers CLIPVisionConfig dict; kwargs set dtype / param_dtype.
+
+        A key the port does not implement raises weights.UnsupportedConfigError naming it.
+        """
+        weights.check_config("CLIP vision", config, _FIELDS + _METADATA, _ONLY)
+        for key in ("image_size", "patch_size"):
+            if key in config and (not isinstance(config[key], int) or isinstance(config[key], bool)):
+                raise weights.UnsupportedConfigError(
+                    f"CLIP vision config {key}={config[key]!r} is not supported (only one integer: square images "
+                    "and patches, as transformers' CLIP vision embeddings compute)")
+        fields = {k: config[k] for k in _FIELDS if k in config}
+        return cls(**fields, config_json=json.dumps(config, sort_keys=True), **kwargs)
+
+    def dummy_inputs(self, batch: int = 1) -> tuple[jax.Array]:
+        return (jnp.zeros((batch, self.image_size, self.image_size, self.num_channels), jnp.float32),)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, subfolder: str | None = None, *,
+                        dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+                        allow_pickle: bool = False) -> tuple["CLIPVisionModel", dict]:
+        """(module, params) from a transformers CLIPVisionModel folder, tensors with or without
+        the vision_model. prefix (transformers 4 wrote it, 5 does not). Params are jax.Arrays."""
+        build = lambda config: cls.from_config(config, dtype=dtype, param_dtype=param_dtype)
+        strip = lambda state: {name.removeprefix(PREFIX): value for name, value in state.items()}
+        return load_pretrained(folder, subfolder, build, lambda module: module.dummy_inputs(), rename=strip,
+                               allow_pickle=allow_pickle, dtype=param_dtype)
+
+
+def load_pretrained(
+    folder: str | os.PathLike,
+    subfolder: str | None,
+    build: Callable[[dict[str, Any]], Any],
+    init_inputs: Callable[[Any], tuple],
+    *,
+    rename: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    allow_pickle: bool = False,
+    dtype: Any = np.float32,
+) -> tuple[Any, dict[str, Any]]:
+    """weights.load_pretrained for modules with bare parameters (leaves in BARE_LEAVES).
+
+    Those are matched by their joined path (`vision_model.embeddings.class_embedding`,
+    `logit_scale`), the rest by weights.params_from_state_dict; every missing, unexpected
+    or mis-shaped tensor is reported by name in one WeightLoadError. Params are jax.Arrays
+    in `dtype` on the default device.
+    """
+    path = weights.resolve_folder(folder, subfolder)
+    module = build(weights.read_config(path))
+    state = dict(weights.read_state_dict(path, allow_pickle=allow_pickle))
+    if rename is not None:
+        state = rename(state)
+    template = nn.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), *init_inputs(module))))["params"]
+    flat = traverse_util.flatten_dict(template)
+    bare, problems = {}, []
+    for leaf_path in [p for p in flat if p[-1] in BARE_LEAVES]:
+        shape, name = tuple(flat.pop(leaf_path).shape), ".".join(leaf_path)
+        if name not in state:
+            problems.append(f"missing {name}")
+            continue
+        value = np.asarray(state.pop(name))
+        if value.shape != shape:
+            problems.append(f"mis-shaped {name} {value.shape} (expected {shape})")
+            continue
+        bare[leaf_path] = value
+    place = weights.placement(template)
+    try:
+        params = weights.params_from_state_dict(traverse_util.unflatten_dict(flat), state, ignore=IGNORE,
+                                                dtype=dtype, source=str(path), place=place)
+    except weights.WeightLoadError as err:
+        if not problems:
+            raise
+        raise weights.WeightLoadError(f"{err}; {'; '.join(problems)}") from None
+    if problems:
+        raise weights.WeightLoadError(f"{path} does not match the model: {'; '.join(problems)}")
+    flat_params = traverse_util.flatten_dict(params)
+    for leaf_path, value in bare.items():
+        flat_params[leaf_path] = place(leaf_path, np.array(value, dtype=dtype))
+    return module, traverse_util.unflatten_dict(flat_params)
