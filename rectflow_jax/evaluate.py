@@ -31,17 +31,38 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     return (vectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ vectors.T
 
 
-def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) between Gaussian fits.
+def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, covariance) of (N, D) features in float64, as pytorch-fid's statistics (np.cov, N - 1)."""
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2:
+        raise ValueError(f"Gaussian statistics need (N, D) features; got shape {features.shape}")
+    return features.mean(0), np.cov(features, rowvar=False)
 
-    Tr (S_a S_b)^1/2 = Tr (S_a^1/2 S_b S_a^1/2)^1/2, a symmetric form that stays exact
-    when features are dead (singular covariances), where a general sqrtm does not.
+
+def frechet_distance_from_statistics(mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray,
+                                     sigma_b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) between two Gaussians, in float64.
+
+    Tr (S_a S_b)^1/2 = Tr (S_a^1/2 S_b S_a^1/2)^1/2: the square root of a symmetric PSD
+    matrix, from eigenvalues. It stays exact when covariances are singular (dead features,
+    fewer samples than dimensions), where pytorch-fid's scipy.linalg.sqrtm(S_a S_b) of the
+    non-symmetric product loses accuracy and falls back to adding 1e-6 to the diagonals;
+    where that product is well-conditioned both agree to rounding (tests/test_inception.py).
     """
-    mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
-    cov_a, cov_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
-    root_a = _psd_sqrt(cov_a)
-    cross = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0, None)))
-    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
+    mu_a, mu_b = np.asarray(mu_a, np.float64).reshape(-1), np.asarray(mu_b, np.float64).reshape(-1)
+    sigma_a, sigma_b = np.atleast_2d(np.asarray(sigma_a, np.float64)), np.atleast_2d(np.asarray(sigma_b, np.float64))
+    dim = len(mu_a)
+    if mu_b.shape != (dim,) or sigma_a.shape != (dim, dim) or sigma_b.shape != (dim, dim):
+        raise ValueError(f"statistics of different dimensions: means {mu_a.shape}, {mu_b.shape}, covariances "
+                         f"{sigma_a.shape}, {sigma_b.shape}")
+    root_a = _psd_sqrt(sigma_a)
+    cross = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ sigma_b @ root_a), 0, None)))
+    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(sigma_a) + np.trace(sigma_b) - 2 * cross)
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """Frechet distance between Gaussian fits of two (N, D) feature sets (see frechet_distance_from_statistics)."""
+    return frechet_distance_from_statistics(*gaussian_statistics(feats_a), *gaussian_statistics(feats_b))
 
 
 class FeatureClassifier:
