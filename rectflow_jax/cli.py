@@ -35,7 +35,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A stage directory to read
 _PAIRS = flags.DEFINE_string("pairs", None, "A pair directory written by `rectflow pairs`.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bars.")
-_PRETRAINED = flags.DEFINE_string("pretrained", None, "sample: a diffusers pipeline folder (SD, 2-RF, InstaFlow).")
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "sample, eval: a diffusers pipeline folder (SD, 2-RF, "
+                                  "InstaFlow).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "sample --pretrained: a prompt (repeat for several).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "sample --pretrained: a file of prompts, one a line.")
 flags.DEFINE_alias("prompts-file", "prompts_file")
@@ -108,11 +109,18 @@ COMMANDS = {
          'rectflow sample --pretrained instaflow_0_9B --prompt "a photograph of a snowy mountain" --out out '
          "--config.sample.num_steps=1")),
     "eval": Command(
-        "metrics of a stage at several step counts",
-        "Prints the metrics as JSON and, with --out, writes them to --out/metrics.json.",
-        ("config", "checkpoint", "out"),
-        "eval.num_samples, eval.steps, sample.method",
-        (f"rectflow eval --config {_DIGITS} --checkpoint runs/digits/distill --out runs/digits/eval",)),
+        "metrics of a stage at several step counts, or text-to-image FID and CLIP score",
+        "Prints the metrics as JSON and, with --out, writes them to --out/metrics.json. With a protocol config "
+        "(configs/coco2017_5k.py, configs/coco2014_30k.py) and --pretrained FOLDER or --checkpoint of a "
+        "text-to-image stage: COCO FID and CLIP score of config.sample's generations, kept in resumable shards "
+        "under --out (a killed run continues), with metrics.json and grid.png.",
+        ("config", "checkpoint", "pretrained", "out", "allow_pickle", "quiet"),
+        "eval.num_samples, eval.steps, sample.method; protocols: eval.captions, eval.images, "
+        "eval.inception_weights, eval.clip_model, sample.num_steps, sample.method, sample.guidance_scale",
+        (f"rectflow eval --config {_DIGITS} --checkpoint runs/digits/distill --out runs/digits/eval",
+         "rectflow eval --config configs/coco2017_5k.py --pretrained instaflow_0_9B --out runs/eval/5k "
+         "--config.eval.captions=captions_val2017.json --config.eval.images=val2017 "
+         "--config.eval.inception_weights=pt_inception.safetensors --config.eval.clip_model=clip-vit-g-14")),
     "export": Command(
         "write a text-to-image stage as a diffusers folder",
         "--checkpoint STAGE (an sd_unet stage: 2-RF or a distilled student) -> --out FOLDER with unet (the EMA "
@@ -182,9 +190,13 @@ def run(command: str) -> None:
 
     config = _CONFIG.value
     configlib.validate(config)
+    if command in ("sample", "eval") and _PRETRAINED.value and _CHECKPOINT.value:
+        raise UsageError(f"give `rectflow {command}` either --checkpoint or --pretrained, not both")
+    if command == "eval" and (_PRETRAINED.value or (_CHECKPOINT.value and _is_text_stage(_CHECKPOINT.value))):
+        evaluate_text_to_image(config, _PRETRAINED.value or _CHECKPOINT.value, _need(_OUT, command),
+                               stage=not _PRETRAINED.value, progress=not _QUIET.value)
+        return
     if command == "sample" and _PRETRAINED.value:
-        if _CHECKPOINT.value:
-            raise UsageError("give `rectflow sample` either --checkpoint or --pretrained, not both")
         sample_pretrained(config, _PRETRAINED.value, _need(_OUT, command), progress=not _QUIET.value)
         return
     if command == "export":
@@ -194,10 +206,7 @@ def run(command: str) -> None:
         t2i.TextToImage.from_stage(_need(_CHECKPOINT, command)).save_pretrained(out)
         print(f"wrote {out} (a RectifiedFlowPipeline folder)")
         return
-    if command in ("sample", "eval") and _CHECKPOINT.value and _is_text_stage(_CHECKPOINT.value):
-        if command == "eval":
-            raise UsageError("`rectflow eval` does not measure text-to-image stages yet; `rectflow pipeline` "
-                             "writes their report (W/report)")
+    if command == "sample" and _CHECKPOINT.value and _is_text_stage(_CHECKPOINT.value):
         if not (_PROMPT.value or _PROMPTS_FILE.value):
             raise UsageError(f"{_CHECKPOINT.value!r} is a text-to-image stage: give --prompt or --prompts_file")
         sample_pretrained(config, _CHECKPOINT.value, _need(_OUT, command), progress=not _QUIET.value, stage=True)
@@ -244,6 +253,30 @@ def _is_text_stage(path: str) -> bool:
     return (Path(path) / "checkpoints").is_dir() and teachers.is_sd_teacher(path)
 
 
+def _text_to_image(config, path: str, stage: bool):
+    from rectflow_jax import text_to_image as t2i
+
+    cfg = config.sample
+    if stage:
+        return t2i.TextToImage.from_stage(path, dtype=cfg.dtype)
+    return t2i.TextToImage.from_pretrained(path, dtype=cfg.dtype, allow_pickle=_ALLOW_PICKLE.value,
+                                           prediction_type=cfg.prediction_type, clip_skip=cfg.get("clip_skip", 0))
+
+
+def evaluate_text_to_image(config, path: str, out: str, stage: bool, progress: bool) -> None:
+    """FID and CLIP score at the config's protocol (rectflow_jax/text_eval.py)."""
+    from rectflow_jax import sampling, text_eval
+
+    if not config.eval.get("protocol"):
+        raise UsageError(f"{path!r} is a text-to-image model: evaluate it with a protocol config, "
+                         "--config configs/coco2017_5k.py or configs/coco2014_30k.py")
+    text_eval.Protocol.from_config(config.eval)  # missing files fail before the minutes of loading
+    sampling.check_method(config.sample.method)
+    metrics = text_eval.evaluate_text_to_image(config, _text_to_image(config, path, stage), out, progress)
+    print(json.dumps(metrics, indent=2))
+    print(f"wrote {Path(out) / 'metrics.json'}")
+
+
 def sample_pretrained(config, pretrained: str, out: str, progress: bool, stage: bool = False) -> None:
     """Text-to-image from a diffusers folder, or (stage=True) from a text-to-image stage of ours."""
     import numpy as np
@@ -272,11 +305,7 @@ def sample_pretrained(config, pretrained: str, out: str, progress: bool, stage: 
             initial = np.load(path, allow_pickle=False)
         except ValueError as err:
             raise UsageError(f"--latents {str(path)!r} is not a readable .npy array: {err}") from None
-    if stage:
-        pipe = t2i.TextToImage.from_stage(pretrained, dtype=cfg.dtype)
-    else:
-        pipe = t2i.TextToImage.from_pretrained(pretrained, dtype=cfg.dtype, allow_pickle=_ALLOW_PICKLE.value,
-                                               prediction_type=cfg.prediction_type, clip_skip=cfg.get("clip_skip", 0))
+    pipe = _text_to_image(config, pretrained, stage)
     common = dict(num_steps=cfg.num_steps, method=cfg.method, guidance_scale=cfg.guidance_scale,
                   negative_prompt=cfg.negative_prompt, batch_size=cfg.batch_size, height=cfg.height,
                   width=cfg.width, save_latents=cfg.save_latents, progress=progress)
@@ -314,11 +343,11 @@ def input_errors() -> tuple[type[BaseException], ...]:
     otherwise and keeps its traceback.
     """
     from rectflow_jax import checkpoint, configlib, diffusion, sampling, teachers, text_to_image, train, weights
-    from rectflow_jax.data import pairs, prompts
+    from rectflow_jax.data import coco, pairs, prompts
 
     return (UsageError, configlib.ConfigError, checkpoint.CheckpointError, pairs.PairDataError,
             teachers.IncompatibleTeacher, train.TrainingDiverged, weights.WeightLoadError, sampling.SamplerError,
-            text_to_image.TextToImageError, diffusion.ScheduleError, prompts.PromptFileError)
+            text_to_image.TextToImageError, diffusion.ScheduleError, prompts.PromptFileError, coco.EvalDataError)
 
 
 def main() -> None:

@@ -121,6 +121,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 2000
     c.eval.steps = (1, 2, 4, 100)
+    # Text-to-image protocols (configs/coco2017_5k.py, configs/coco2014_30k.py; rectflow_jax/text_eval.py).
+    # The generations follow config.sample (steps, method, guidance, size, batch_size, dtype) and config.seed.
+    c.eval.protocol = ""                  # its name labels metrics.json and the cached reference statistics
+    c.eval.captions = config_dict.placeholder(str)           # COCO captions JSON (captions_val2017.json)
+    c.eval.images = config_dict.placeholder(str)             # the folder of its images (val2017/)
+    c.eval.inception_weights = config_dict.placeholder(str)  # pt_inception-2015-12-05-*.pth or .safetensors
+    c.eval.clip_model = config_dict.placeholder(str)         # a transformers CLIPModel folder
+    c.eval.allow_pickle = False           # read .pth / .bin weights (needs torch; pickles can run code)
+    c.eval.num_images = 5000              # captioned images, in id order; fewer: a seeded subset
+    c.eval.caption_seed = 0
+    c.eval.fid_resolution = 512           # both image sets: centre square crop, bicubic to this, uint8
+    c.eval.stats_dir = config_dict.placeholder(str)  # reference statistics cache; default ~/.cache/rectflow_jax
+    c.eval.shard_size = 500               # images per resumable shard
+    c.eval.batch_size = 50                # Inception batch (generation batches: sample.batch_size)
+    c.eval.grid_size = 16                 # images in grid.png
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding_rules = ml_collections.ConfigDict()   # logical axis -> mesh axis overrides

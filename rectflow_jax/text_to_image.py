@@ -97,17 +97,18 @@ class TextToImage:
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer,
                  params: dict[str, Any], *, pipeline_class: str = sd_folder.VELOCITY_PIPELINES[0], source: str = "",
                  mesh: jax.sharding.Mesh | None = None, scheduler_config: dict[str, Any] | None = None,
-                 parametrisation: str = "velocity", clip_skip: int = 0):
+                 parametrisation: str = "velocity", clip_skip: int = 0, provenance: dict | None = None):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         # Data parallel over this host's devices: params on every device, put once, not per call.
         self.mesh = mesh or parallel.make_mesh(devices=jax.local_devices())
         self.params = jax.device_put(params, parallel.replicated(self.mesh))
         self.pipeline_class, self.source = pipeline_class, source
+        self.provenance = dict(provenance or {})  # {'run_hash', 'step'}: which weights these are
         self.scheduler_config = scheduler_config
         self.teacher = teachers.SDTeacher(
             unet, TextConditioner(tokenizer, text_encoder, clip_skip=clip_skip),
             {k: self.params[k] for k in ("unet", "text_encoder")}, parametrisation, scheduler_config, source, source,
-            {})
+            self.provenance)
         self._runners: dict[tuple, batch_runner.BatchRunner] = {}
         self.traces = 0  # how often the sampler was traced: one per compilation
         self._check_compatible()
@@ -157,7 +158,7 @@ class TextToImage:
         return cls(teacher.unet, vae, teacher.text.text_encoder, teacher.text.tokenizer, params,
                    pipeline_class=pipeline_class, source=teacher.source, mesh=mesh,
                    scheduler_config=teacher.scheduler_config, parametrisation=teacher.parametrisation,
-                   clip_skip=teacher.text.clip_skip)
+                   clip_skip=teacher.text.clip_skip, provenance=teacher.provenance)
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Writes a whole velocity pipeline folder (sd_folder.write_pipeline_folder) that diffusers,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 FOLDER = Path(os.environ.get("RECTFLOW_FID_REFERENCE", Path(__file__).resolve().parents[1] / ".fid_reference"))
-INSTALL = ("pip install --no-deps --target .fid_reference torchvision==0.28.0 pytorch-fid==0.3.0")
+INSTALL = "pip install --no-deps --upgrade --target .fid_reference torchvision==0.28.0 pytorch-fid==0.3.0"
 
 
 def import_pytorch_fid():

@@ -158,7 +158,7 @@ NEEDED_FLAGS = {"train": ("--config", "--workdir", "--pairs", "--checkpoint"),
                 "distill": ("--config", "--workdir", "--pairs", "--checkpoint"),
                 "sample": ("--config", "--checkpoint", "--out", "--pretrained", "--prompt", "--prompts_file",
                            "--latents"),
-                "eval": ("--config", "--checkpoint"),
+                "eval": ("--config", "--checkpoint", "--pretrained", "--out"),
                 "export": ("--checkpoint", "--out"),
                 "pipeline": ("--config", "--workdir")}
 
