@@ -124,8 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Text-to-image protocols (configs/coco2017_5k.py, configs/coco2014_30k.py; rectflow_jax/text_eval.py).
     # The generations follow config.sample (steps, method, guidance, size, batch_size, dtype) and config.seed.
     c.eval.protocol = ""                  # its name labels metrics.json and the cached reference statistics
-    c.eval.captions = config_dict.placeholder(str)           # COCO captions JSON (captions_val2017.json)
-    c.eval.images = config_dict.placeholder(str)             # the folder of its images (val2017/)
+    c.eval.captions = config_dict.placeholder(str)           # COCO captions JSON (captions_val2017.json),
+    c.eval.images = config_dict.placeholder(str)             # and the folder of its images (val2017/);
+    c.eval.data_dir = config_dict.placeholder(str)           # or a prepared tfds coco_captions:SPLIT there
     c.eval.inception_weights = config_dict.placeholder(str)  # pt_inception-2015-12-05-*.pth or .safetensors
     c.eval.clip_model = config_dict.placeholder(str)         # a transformers CLIPModel folder
     c.eval.allow_pickle = False           # read .pth / .bin weights (needs torch; pickles can run code)

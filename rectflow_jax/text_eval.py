@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -63,8 +64,7 @@ class Protocol:
     num_images: int
     caption_seed: int
     fid_resolution: int
-    captions: str
-    images: str
+    source: coco.CocoSource
     inception_weights: str
     clip_model: str
     allow_pickle: bool
@@ -75,25 +75,26 @@ class Protocol:
 
     @classmethod
     def from_config(cls, eval_config) -> "Protocol":
-        missing = [key for key in ("captions", "images", "inception_weights", "clip_model")
-                   if not eval_config.get(key)]
+        missing = [key for key in ("captions", "inception_weights", "clip_model") if not eval_config.get(key)]
         if missing:
             raise EvalDataError(f"the {eval_config.protocol} protocol needs "
                                 + ", ".join(f"--config.eval.{key}" for key in missing))
-        for key, kind in (("captions", "file"), ("images", "folder"), ("inception_weights", "file"),
-                          ("clip_model", "folder")):
-            path = Path(eval_config[key])
-            if not (path.is_file() if kind == "file" else path.is_dir()):
-                raise EvalDataError(f"eval.{key}={str(path)!r} is not an existing {kind}")
+        source = coco.CocoSource.from_config(eval_config)
+        if not Path(eval_config.inception_weights).is_file():
+            raise EvalDataError(f"eval.inception_weights={eval_config.inception_weights!r} is not an existing file")
+        if not Path(eval_config.clip_model).is_dir():
+            raise EvalDataError(f"eval.clip_model={eval_config.clip_model!r} is not an existing folder")
         for key in ("num_images", "fid_resolution", "shard_size", "batch_size"):
             if int(eval_config[key]) < 1:
                 raise EvalDataError(f"eval.{key} must be a positive integer, got {eval_config[key]!r}")
         stats_dir = eval_config.get("stats_dir") or default_stats_dir()
         return cls(eval_config.protocol, int(eval_config.num_images), int(eval_config.caption_seed),
-                   int(eval_config.fid_resolution), str(eval_config.captions), str(eval_config.images),
-                   str(eval_config.inception_weights), str(eval_config.clip_model),
-                   bool(eval_config.allow_pickle), str(stats_dir), int(eval_config.shard_size),
-                   int(eval_config.batch_size), int(eval_config.grid_size))
+                   int(eval_config.fid_resolution), source, str(eval_config.inception_weights),
+                   str(eval_config.clip_model), bool(eval_config.allow_pickle), str(stats_dir),
+                   int(eval_config.shard_size), int(eval_config.batch_size), int(eval_config.grid_size))
+
+    def pairs(self) -> list[coco.CocoPair]:
+        return coco.select_pairs(self.source.all_pairs(), self.num_images, self.caption_seed, self.source.captions)
 
 
 def default_stats_dir() -> str:
@@ -134,25 +135,23 @@ def reference_statistics(protocol: Protocol, pairs: Sequence[coco.CocoPair], mea
                          progress: bool = True) -> tuple[np.ndarray, np.ndarray, Path]:
     """(mu, sigma, cache file) of the reference images' Inception features, computed once per key."""
     identity = {"protocol": protocol.name, "fid_resolution": protocol.fid_resolution, "preprocess": PREPROCESS,
-                "inception": measures.inception_fingerprint,
-                "images": coco.listing_digest(protocol.images, pairs)}
+                "inception": measures.inception_fingerprint, **protocol.source.identity(pairs)}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(protocol.stats_dir) / f"{protocol.name}_{key}.npz"
     if path.is_file():
         with np.load(path) as stored:
             log.info("reference statistics: %s (cached)", path)
             return stored["mu"], stored["sigma"], path
-    features = []
     chunk = max(protocol.batch_size, 256)
-    load = lambda start: coco.load_reference(protocol.images, pairs[start:start + chunk], protocol.fid_resolution)
-    starts = range(0, len(pairs), chunk)
+    chunks = protocol.source.reference_chunks(pairs, protocol.fid_resolution, chunk)
+    features = []
     with ThreadPoolExecutor(1) as pool:  # decode the next chunk while Inception runs on this one
-        pending = pool.submit(load, 0)
-        for start in tqdm(starts, desc=f"reference {protocol.name}", unit="chunk", disable=not progress):
-            images = pending.result()
-            if start + chunk < len(pairs):
-                pending = pool.submit(load, start + chunk)
-            features.append(measures.features(images))
+        pending = pool.submit(next, chunks, None)
+        with tqdm(total=len(pairs), desc=f"reference {protocol.name}", unit="image", disable=not progress) as bar:
+            while (images := pending.result()) is not None:
+                pending = pool.submit(next, chunks, None)
+                features.append(measures.features(images))
+                bar.update(len(images))
     mu, sigma = evaluate.gaussian_statistics(np.concatenate(features))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial.npz")
@@ -172,7 +171,7 @@ def run_settings(config, pipe: t2i.TextToImage, protocol: Protocol, measures: Me
     guided = sampling.guidance_applies(s.guidance_scale)
     return {
         "protocol": protocol.name, "num_images": protocol.num_images, "caption_seed": protocol.caption_seed,
-        "captions": os.path.basename(protocol.captions), "fid_resolution": protocol.fid_resolution,
+        "captions": os.path.basename(protocol.source.captions), "fid_resolution": protocol.fid_resolution,
         "preprocess": PREPROCESS, "shard_size": protocol.shard_size,
         "model": pipe.source, "model_provenance": pipe.provenance, "parametrisation": pipe.teacher.parametrisation,
         "num_steps": int(s.num_steps), "method": s.method, "guidance_scale": float(s.guidance_scale),
@@ -193,7 +192,9 @@ def _check_resume(out: Path, settings: dict) -> None:
                                 "--out or delete it")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(settings, indent=2))
+        partial = record.with_name(f"eval.json.{os.getpid()}.partial")  # processes may write it at once
+        partial.write_text(json.dumps(settings, indent=2))
+        os.replace(partial, record)
 
 
 def _shard_path(out: Path, k: int) -> Path:
@@ -233,23 +234,31 @@ class _Generator:
         return np.concatenate(out)
 
 
-def evaluate_text_to_image(config, pipe: t2i.TextToImage, out: str | os.PathLike,
-                           progress: bool = True) -> dict[str, Any]:
-    """Generates, measures and scores the protocol's images in `out` (resuming), returns the metrics."""
+def evaluate_text_to_image(config, pipe: t2i.TextToImage, out: str | os.PathLike, progress: bool = True, *,
+                           process_index: int | None = None, process_count: int | None = None) -> dict[str, Any] | None:
+    """Generates, measures and scores the protocol's images in `out` (resuming), returns the metrics.
+
+    With several processes (a pod; `out` on storage they share), process p makes shards
+    p, p + P, ... on its own devices; process 0 then waits for the others' shards and alone
+    computes the reference statistics and the metrics. The others return None.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
     protocol = Protocol.from_config(config.eval)
     out = Path(out)
-    pairs = coco.select_pairs(protocol.captions, protocol.num_images, protocol.caption_seed)
-    coco.listing_digest(protocol.images, pairs)  # a missing image fails now, not after the generations
+    pairs = protocol.pairs()
     measures = Measures(protocol)
     settings = run_settings(config, pipe, protocol, measures)
     _check_resume(out, settings)
-    mu_ref, sigma_ref, stats_path = reference_statistics(protocol, pairs, measures, progress)
+    if process_index == 0:  # first: a missing reference image fails before the generations
+        mu_ref, sigma_ref, stats_path = reference_statistics(protocol, pairs, measures, progress)
 
     generate = _Generator(config, pipe)
     num_shards = -(-len(pairs) // protocol.shard_size)
-    todo = [k for k in range(num_shards) if not _shard_path(out, k).is_file()]
-    if len(todo) < num_shards:
-        log.info("%s: %d of %d shards done, continuing", out, num_shards - len(todo), num_shards)
+    mine = range(process_index, num_shards, process_count)
+    todo = [k for k in mine if not _shard_path(out, k).is_file()]
+    if len(todo) < len(mine):
+        log.info("%s: %d of %d shards done, continuing", out, len(mine) - len(todo), len(mine))
     for k in tqdm(todo, desc=f"eval {protocol.name}", unit="shard", disable=not progress):
         indices = np.arange(k * protocol.shard_size, min((k + 1) * protocol.shard_size, len(pairs)))
         prompts = [pairs[i].caption for i in indices]
@@ -265,10 +274,24 @@ def evaluate_text_to_image(config, pipe: t2i.TextToImage, out: str | os.PathLike
         np.savez(partial, **shard)
         os.replace(partial, path)  # a shard exists whole or not at all
 
+    if process_index != 0:
+        return None
+    _wait_for_shards(out, num_shards)
     metrics = _summarise(out, num_shards, len(pairs), mu_ref, sigma_ref, protocol.grid_size)
     metrics.update(settings, reference_statistics=str(stats_path))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _wait_for_shards(out: Path, num_shards: int, poll_seconds: float = 10.0) -> None:
+    """Blocks until every shard exists (the other processes' too), saying which it waits for."""
+    last_report = 0.0
+    while missing := [k for k in range(num_shards) if not _shard_path(out, k).is_file()]:
+        if time.monotonic() - last_report > 60:
+            log.info("waiting for %d shards from the other processes (first: %s)", len(missing),
+                     _shard_path(out, missing[0]).name)
+            last_report = time.monotonic()
+        time.sleep(poll_seconds)
 
 
 def _summarise(out: Path, num_shards: int, num_images: int, mu_ref: np.ndarray, sigma_ref: np.ndarray,

@@ -173,6 +173,54 @@ def write_safetensors(file: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     os.replace(tmp, file)
 
 
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+def read_weight_file(file: str | os.PathLike, *, what: str, where: str = "", allow_pickle: bool = False,
+                     pickle_hint: str = "allow_pickle=True", convert: str = "") -> dict[str, np.ndarray]:
+    """All tensors of one .safetensors file, or of a PyTorch pickle (.pth/.pt/.bin) if allowed.
+
+    For the errors: `what` names the weights ("LPIPS", "FID Inception"), `where` the config
+    key that names the file, `pickle_hint` how a user allows pickles, `convert` the command
+    that turns one into safetensors.
+    """
+    path = Path(file)
+    at = f" ({where})" if where else ""
+    if not path.is_file():
+        hint = f"; set {where} to an existing file" if where else ""
+        raise WeightLoadError(f"{what} weight file {str(path)!r} does not exist{hint}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        try:
+            return read_safetensors(path)
+        except (OSError, ValueError, KeyError, struct.error) as err:
+            raise WeightLoadError(f"{str(path)!r} is not a readable safetensors file{at}: {err}") from err
+    if suffix not in PICKLE_SUFFIXES:
+        raise WeightLoadError(f"{str(path)!r}{at} is neither .safetensors nor a PyTorch "
+                              f"{'/'.join(PICKLE_SUFFIXES)} file")
+    convert = f" with `{convert}`" if convert else ""
+    if not allow_pickle:
+        raise WeightLoadError(f"{str(path)!r}{at} is a PyTorch pickle and pickles can run code, so pass "
+                              f"{pickle_hint} to read it, or convert it once to safetensors{convert}")
+    try:
+        import torch
+    except ImportError as err:
+        raise WeightLoadError(f"reading the PyTorch pickle {str(path)!r}{at} needs torch, which is not installed "
+                              f"(pip install torch==2.13.0); or convert it once, where torch is{convert}") from err
+    try:
+        # map_location: some released pickles (lpips' vgg.pth) hold CUDA tensors.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad or foreign file; all are bad input here
+        raise WeightLoadError(f"torch.load(weights_only=True) cannot read {str(path)!r}{at}: {err}") from err
+    if not isinstance(state, Mapping):
+        raise WeightLoadError(f"{str(path)!r}{at} holds a {type(state).__name__}, not a state dict of tensors")
+    odd = sorted(str(name) for name, value in state.items() if not isinstance(value, torch.Tensor))
+    if odd:
+        raise WeightLoadError(f"{str(path)!r}{at} is not a plain state dict; these entries are not tensors: "
+                              f"{', '.join(odd)}")
+    return {name: t.float().numpy() if t.is_floating_point() else t.numpy() for name, t in state.items()}
+
+
 def _weight_files(path: Path, suffix: str) -> list[Path]:
     files = sorted(p for p in path.glob(f"*{suffix}"))
     # Prefer full-precision files over variants such as model.fp16.safetensors.
@@ -219,6 +267,7 @@ def params_from_state_dict(
     dtype: Any = np.float32,
     source: str = "checkpoint",
     place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
+    name_of: Callable[[tuple[str, ...]], str] | None = None,
 ) -> dict[str, Any]:
     """Fills a Flax param template (shapes, e.g. from jax.eval_shape) from a state dict.
 
@@ -226,12 +275,14 @@ def params_from_state_dict(
     CLIP's position_ids). Any mismatch raises one WeightLoadError naming every tensor.
     `place(path, array)` turns each converted leaf into what is returned (e.g. a jax.Array
     on a device); leaves are converted one at a time, after every name and shape checked.
+    `name_of(path)` is the PyTorch name of a Flax leaf (default `torch_name`).
     """
+    name_of = name_of or torch_name
     flat_template = traverse_util.flatten_dict(template)
     ignore_patterns = [re.compile(p) for p in ignore]
     used, missing, misshaped, views = set(), [], [], {}
     for path, leaf in flat_template.items():
-        name = torch_name(path)
+        name = name_of(path)
         shape = tuple(leaf.shape)
         if name not in state_dict:
             missing.append(name)
@@ -260,10 +311,12 @@ def params_from_state_dict(
     return traverse_util.unflatten_dict(flat_params)
 
 
-def state_dict_from_params(params: Mapping[str, Any], dtype: Any = np.float32) -> dict[str, np.ndarray]:
+def state_dict_from_params(params: Mapping[str, Any], dtype: Any = np.float32,
+                           name_of: Callable[[tuple[str, ...]], str] | None = None) -> dict[str, np.ndarray]:
     """Inverse of params_from_state_dict: PyTorch names and layouts."""
     flat = traverse_util.flatten_dict(jax.device_get(params))
-    return {torch_name(path): np.asarray(_to_torch_layout(path[-1], np.asarray(v)), dtype=dtype)
+    name_of = name_of or torch_name
+    return {name_of(path): np.asarray(_to_torch_layout(path[-1], np.asarray(v)), dtype=dtype)
             for path, v in flat.items()}
 
 
@@ -328,6 +381,7 @@ def load_pretrained(
     dtype: Any = np.float32,
     shardings: Any = None,
     on_host: bool = False,
+    name_of: Callable[[tuple[str, ...]], str] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Shared body of every `from_pretrained`: config -> module, tensors -> params.
 
@@ -336,7 +390,7 @@ def load_pretrained(
     `rename` maps legacy tensor names onto current ones. The params are jax.Arrays on
     the default device, or placed by `shardings` (see `placement`); `on_host=True` gives
     numpy arrays instead (views into the file where no conversion was needed), for
-    conversion work.
+    conversion work. `name_of` overrides the PyTorch naming rule (`torch_name`).
     """
     path = resolve_folder(folder, subfolder)
     module = build(read_config(path))
@@ -348,4 +402,4 @@ def load_pretrained(
 
     template = nn.unbox(abstract)["params"]
     return module, params_from_state_dict(template, state, ignore=ignore, dtype=dtype, source=str(path),
-                                          place=placement(template, shardings, on_host))
+                                          place=placement(template, shardings, on_host), name_of=name_of)

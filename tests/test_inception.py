@@ -186,7 +186,7 @@ def test_pth_needs_allow_pickle_and_then_loads_the_same(files, params):
 @pytest.mark.parametrize("defect, named", [
     ("drop", r"missing 1: Mixed_7c\.branch_pool\.bn\.running_var"),
     ("extra", r"unexpected 1: Mixed_6a\.branch_extra\.conv\.weight"),
-    ("reshape", r"mis-shaped 1: Mixed_5b\.branch5x5_2\.conv\.weight \(64, 48, 3, 3\) \(expected \(64, 48, 5, 5\)\)"),
+    ("reshape", r"mis-shaped 1: Mixed_5b\.branch5x5_2\.conv\.weight \(64, 48, 3, 3\) \(expected \(5, 5, 48, 64\) in Flax layout\)"),
 ])
 def test_bad_tensors_are_named(state, tmp_path, defect, named):
     bad = {n: t.numpy() for n, t in state.items()}

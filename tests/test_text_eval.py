@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from rectflow_jax import evaluate, text_eval
@@ -28,7 +29,7 @@ def write_mock_coco(root, sizes=((40, 30), (24, 36), (32, 32), (50, 20), (30, 40
     (root / "images").mkdir(parents=True)
     for n, (width, height) in enumerate(sizes):
         image_id = 100 + 7 * ((n * 3) % len(sizes))  # file order is not id order
-        name = f"{image_id:012d}.jpg"
+        name = f"{image_id:012d}.png"  # lossless, so that tfds and PIL decode the same pixels
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / "images" / name)
         images.append({"id": image_id, "file_name": name, "width": width, "height": height})
         annotations.append({"id": 1000 + n, "image_id": image_id, "caption": f" {CAPTIONS[n]} "})
@@ -40,21 +41,72 @@ def write_mock_coco(root, sizes=((40, 30), (24, 36), (32, 32), (50, 20), (30, 40
 
 def test_the_protocol_takes_each_images_first_caption_in_id_order_and_a_seeded_subset(tmp_path):
     captions, images = write_mock_coco(tmp_path)
-    pairs = coco.select_pairs(captions, 7)
+    everything = coco.read_pairs(captions)
+    pairs = coco.select_pairs(everything, 7)
     assert [p.image_id for p in pairs] == sorted(p.image_id for p in pairs)
     assert "a second caption" not in [p.caption for p in pairs]
     assert pairs[0].caption == pairs[0].caption.strip()
-    subset = coco.select_pairs(captions, 4, seed=3)
-    assert len(subset) == 4 and subset == coco.select_pairs(captions, 4, seed=3)
+    subset = coco.select_pairs(everything, 4, seed=3)
+    assert len(subset) == 4 and subset == coco.select_pairs(everything, 4, seed=3)
     assert {p.image_id for p in subset} <= {p.image_id for p in pairs}
     assert [p.image_id for p in subset] == sorted(p.image_id for p in subset)
     with pytest.raises(coco.EvalDataError, match="has 7 captioned images"):
-        coco.select_pairs(captions, 8)
+        coco.select_pairs(everything, 8, origin=str(captions))
     # The FID resize: a centre square, then bicubic to the protocol's size.
     wide = np.zeros((10, 30, 3), np.uint8)
     wide[:, 10:20] = 255  # the centre square is all white
     assert (coco.fid_image(wide, 5) == 255).all()
     assert coco.fid_image(np.full((8, 8, 3), 7, np.uint8), 8).shape == (8, 8, 3)
+
+
+class FakeCocoCaptions(tfds.core.GeneratorBasedBuilder):
+    """coco_captions' features (image, image/filename, image/id, captions) over the mock COCO's files."""
+
+    VERSION = tfds.core.Version("1.1.0")
+    code_path = None  # nothing to download, no checksums to look up
+    SOURCE = None  # the mock's folder, set by the test
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(encoding_format="png"), "image/filename": tfds.features.Text(),
+            "image/id": np.int64, "captions": tfds.features.Sequence({"text": tfds.features.Text(), "id": np.int64})}))
+
+    def _split_generators(self, dl_manager):
+        document = json.loads((self.SOURCE / "captions.json").read_text())
+        images = sorted(document["images"], key=lambda i: i["file_name"])
+        return {"val": self._generate_examples(images[:4], document), "test": self._generate_examples(images[4:],
+                                                                                                        document)}
+
+    def _generate_examples(self, images, document):
+        for image in images:
+            captions = [{"text": a["caption"], "id": a["id"]} for a in document["annotations"]
+                        if a["image_id"] == image["id"]]
+            yield image["id"], {"image": str(self.SOURCE / "images" / image["file_name"]),
+                                "image/filename": image["file_name"], "image/id": image["id"], "captions": captions}
+
+
+def test_a_tfds_coco_captions_gives_the_same_pairs_and_reference_images_as_the_files(tmp_path, monkeypatch):
+    captions, images = write_mock_coco(tmp_path / "coco")
+    monkeypatch.setattr(FakeCocoCaptions, "SOURCE", tmp_path / "coco")
+    FakeCocoCaptions(data_dir=str(tmp_path / "tfds")).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    files = coco.CocoSource.from_config({"captions": str(captions), "images": str(images)})
+    from_tfds = coco.CocoSource.from_config({"captions": "fake_coco_captions:val+test",
+                                             "data_dir": str(tmp_path / "tfds")})
+    assert from_tfds.all_pairs() == files.all_pairs()
+    pairs = coco.select_pairs(files.all_pairs(), 5, seed=1)
+    by_id = lambda source: np.concatenate(list(source.reference_chunks(pairs, 12, chunk=2)))
+    a, b = by_id(files), by_id(from_tfds)
+    assert len(a) == len(b) == 5
+    order = lambda images: np.lexsort(images.reshape(len(images), -1).T)  # tfds yields its own order
+    np.testing.assert_array_equal(a[order(a)], b[order(b)])
+    assert from_tfds.identity(pairs)["image_ids"] == [p.image_id for p in pairs]
+    for bad, words in (({"captions": "fake_coco_captions:nope", "data_dir": str(tmp_path / "tfds")}, "no split"),
+                       ({"captions": "fake_coco_captions:val", "images": str(images)}, "leave eval.images unset"),
+                       ({"captions": str(captions)}, "--config.eval.images"),
+                       ({"captions": "no/such/file.json"}, "neither an existing file")):
+        with pytest.raises(coco.EvalDataError, match=words):
+            coco.CocoSource.from_config(bad).all_pairs()
 
 
 # ------------------------------------------------------------------------- the whole command
@@ -164,7 +216,7 @@ def test_eval_writes_fid_and_clip_and_a_killed_run_resumes_without_regenerating(
 
     shards = [np.load(out / "shards" / f"shard_{k:05d}.npz") for k in range(4)]
     assert [list(s["index"]) for s in shards] == [[0, 1], [2, 3], [4, 5], [6]]
-    pairs = coco.select_pairs(root / "coco" / "captions.json", 7)
+    pairs = coco.read_pairs(root / "coco" / "captions.json")
     assert [str(p) for s in shards for p in s["prompt"]] == [p.caption for p in pairs]
     assert (out / "grid.txt").read_text().splitlines()[0] == f"0: {pairs[0].caption}"
 
@@ -188,6 +240,19 @@ def test_eval_writes_fid_and_clip_and_a_killed_run_resumes_without_regenerating(
     scores = scorer.scores(images, [p.caption for p in pairs])
     np.testing.assert_allclose(np.concatenate([s["clip_score"] for s in shards]), scores, rtol=1e-4, atol=1e-5)
     assert metrics["clip_score"] == pytest.approx(float(np.mean(scores)), abs=1e-5)
+
+    # Two processes (hosts of a pod) split the shards: 1 makes 1 and 3, then 0 makes 0 and 2 and sums up.
+    split = root / "eval_split"
+    config = load_config(overrides)
+    assert text_eval.evaluate_text_to_image(config, pipe, split, False, process_index=1, process_count=2) is None
+    assert sorted(p.name for p in (split / "shards").iterdir()) == ["shard_00001.npz", "shard_00003.npz"]
+    assert not (split / "metrics.json").exists()
+    again = text_eval.evaluate_text_to_image(config, pipe, split, False, process_index=0, process_count=2)
+    assert again["fid"] == pytest.approx(metrics["fid"], rel=1e-4)
+    for k in range(4):  # image i depends on (seed, i) only: the same images, whoever made them
+        made = np.load(split / "shards" / f"shard_{k:05d}.npz")["images"].astype(int)
+        # Shard 0 came from this process too; 1-3 from the command on one device (rounding may flip a level).
+        assert np.abs(made - shards[k]["images"]).max() <= (0 if k == 0 else 1), k
 
     # Other settings in the same folder are refused, naming what changed.
     line = error_line(rectflow("eval", f"--config={CONFIG}", f"--pretrained={folder}", f"--out={out}", "--quiet",

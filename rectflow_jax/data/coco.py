@@ -1,8 +1,13 @@
 """COCO captions and images for text-to-image evaluation: which (image, caption) pairs a protocol uses.
 
-The user's files: a captions JSON (`captions_val2017.json`, `captions_val2014.json`:
-{"images": [{"id", "file_name"}], "annotations": [{"id", "image_id", "caption"}]}) and the
-folder of its images. `select_pairs` picks the protocol's pairs, deterministically:
+The user's COCO comes one of two ways (`CocoSource.from_config(config.eval)`):
+  - a captions JSON (`captions_val2017.json`, `captions_val2014.json`: {"images": [{"id",
+    "file_name"}], "annotations": [{"id", "image_id", "caption"}]}) as `eval.captions` and the
+    folder of its images as `eval.images`;
+  - a prepared tfds `coco_captions` (COCO 2014 in Karpathy's splits; val2014 is
+    `coco_captions:val+test+restval`) as `eval.captions`, with `eval.data_dir` where it lives.
+
+`select_pairs` picks the protocol's pairs, deterministically:
 
   - images in id order, each with its first caption (lowest annotation id), stripped;
   - `num_images` of them: all when it equals the count (COCO2017-5k: the 5,000 val2017
@@ -21,11 +26,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
+
+_TFDS_NAME = re.compile(r"^\w+(/[\w.]+)?:[\w+\[\]%:-]+$")  # dataset[/config/version]:split[+split]
 
 
 class EvalDataError(ValueError):
@@ -83,14 +91,13 @@ def read_pairs(captions: str | os.PathLike) -> list[CocoPair]:
             for image_id in sorted(first, key=_sort_key)]
 
 
-def select_pairs(captions: str | os.PathLike, num_images: int, seed: int = 0) -> list[CocoPair]:
-    """The protocol's `num_images` (image, caption) pairs; see the module docstring."""
-    pairs = read_pairs(captions)
+def select_pairs(pairs: Sequence[CocoPair], num_images: int, seed: int = 0, origin: str = "") -> list[CocoPair]:
+    """The protocol's `num_images` (image, caption) pairs out of `pairs`; see the module docstring."""
     if num_images <= 0 or num_images > len(pairs):
-        raise EvalDataError(f"eval.num_images={num_images} but {str(captions)!r} has {len(pairs)} captioned "
+        raise EvalDataError(f"eval.num_images={num_images} but {origin!r} has {len(pairs)} captioned "
                             f"images; ask for 1..{len(pairs)}")
     if num_images == len(pairs):
-        return pairs
+        return list(pairs)
     chosen = np.sort(np.random.default_rng(seed).choice(len(pairs), num_images, replace=False))
     return [pairs[i] for i in chosen]
 
@@ -112,28 +119,135 @@ def fid_image(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
     return np.asarray(image, np.uint8)
 
 
+def _load_image(root: Path, pair: CocoPair, size: int) -> np.ndarray:
+    path = root / pair.file_name
+    try:
+        with Image.open(path) as image:
+            return fid_image(image, size)
+    except FileNotFoundError:
+        raise EvalDataError(f"image {str(path)!r} of image_id {pair.image_id!r} is missing from eval.images "
+                            f"{str(root)!r}") from None
+    except OSError as err:
+        raise EvalDataError(f"image {str(path)!r} cannot be read ({err})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class CocoSource:
+    """Captions and images: a COCO captions JSON and its folder, or a prepared tfds coco_captions."""
+
+    captions: str
+    images: str | None = None
+    data_dir: str | None = None
+
+    @classmethod
+    def from_config(cls, eval_config) -> "CocoSource":
+        captions, images = eval_config.get("captions"), eval_config.get("images")
+        if not captions:
+            raise EvalDataError("the protocol needs --config.eval.captions (a COCO captions JSON, or a prepared "
+                                "tfds coco_captions:SPLIT)")
+        if Path(captions).is_file():
+            if not images:
+                raise EvalDataError(f"eval.captions={captions!r} is a captions file: give its images folder "
+                                    "as --config.eval.images")
+            if not Path(images).is_dir():
+                raise EvalDataError(f"eval.images={images!r} is not an existing folder")
+            return cls(str(captions), str(images))
+        if not _TFDS_NAME.match(str(captions)):
+            raise EvalDataError(f"eval.captions={captions!r} is neither an existing file nor a tfds name "
+                                "DATASET:SPLIT (e.g. coco_captions:val+test+restval)")
+        if images:
+            raise EvalDataError(f"eval.captions={captions!r} is a tfds dataset, which holds its images: leave "
+                                "eval.images unset")
+        return cls(str(captions), None, eval_config.get("data_dir"))
+
+    @property
+    def is_tfds(self) -> bool:
+        return self.images is None
+
+    def _builder_and_split(self):
+        import tensorflow_datasets as tfds
+
+        dataset, split = self.captions.split(":", 1)
+        try:
+            builder = tfds.builder(dataset, data_dir=self.data_dir)
+        except tfds.core.registered.DatasetNotFoundError:
+            raise EvalDataError(f"tfds dataset {dataset!r} given as eval.captions does not exist") from None
+        if not builder.is_prepared():  # never downloaded from here: COCO's images are some 20 GB
+            raise EvalDataError(f"tfds dataset {builder.info.full_name!r} given as eval.captions is not prepared in "
+                                f"{str(builder.data_dir_root)!r} (eval.data_dir); prepare it first, e.g. "
+                                f"tfds build {dataset} --data_dir {builder.data_dir_root}")
+        unknown = [s for s in split.split("+") if s.split("[")[0] not in builder.info.splits]
+        if unknown:
+            raise EvalDataError(f"tfds dataset {builder.info.full_name!r} has no split {unknown[0]!r} (splits: "
+                                f"{sorted(builder.info.splits)})")
+        return builder, split
+
+    def _examples(self, with_images: bool) -> Iterator[dict]:
+        import tensorflow_datasets as tfds
+
+        builder, split = self._builder_and_split()
+        wanted = {"image/id": True, "image/filename": True, "captions": {"id": True, "text": True}}
+        if with_images:
+            wanted["image"] = True
+        decoders = tfds.decode.PartialDecoding(wanted)
+        yield from tfds.as_numpy(builder.as_dataset(split=split, decoders=decoders, shuffle_files=False))
+
+    def all_pairs(self) -> list[CocoPair]:
+        """Every captioned image, in image-id order, with its first caption."""
+        if not self.is_tfds:
+            return read_pairs(self.captions)
+        pairs = []
+        for example in self._examples(with_images=False):
+            captions = example["captions"]
+            if len(captions["id"]):
+                first = int(np.argmin(captions["id"]))
+                pairs.append(CocoPair(int(example["image/id"]), example["image/filename"].decode("utf-8"),
+                                      captions["text"][first].decode("utf-8").strip()))
+        if not pairs:
+            raise EvalDataError(f"tfds {self.captions!r} holds no captions")
+        return sorted(pairs, key=lambda p: _sort_key(p.image_id))
+
+    def identity(self, pairs: Sequence[CocoPair]) -> dict:
+        """What names the reference set cheaply: files and byte sizes, or the tfds dataset and the image ids."""
+        if self.is_tfds:
+            builder, split = self._builder_and_split()
+            return {"tfds": builder.info.full_name, "split": split, "image_ids": [p.image_id for p in pairs]}
+        return {"images": listing_digest(self.images, pairs)}
+
+    def reference_chunks(self, pairs: Sequence[CocoPair], size: int, chunk: int) -> Iterator[np.ndarray]:
+        """The pairs' images through `fid_image`, (n <= chunk, size, size, 3) uint8 at a time.
+
+        In folder order for files; in the dataset's order for tfds (the statistics do not
+        depend on the order), every chosen image exactly once.
+        """
+        if not self.is_tfds:
+            root = Path(self.images)
+            for start in range(0, len(pairs), chunk):
+                yield np.stack([_load_image(root, pair, size) for pair in pairs[start:start + chunk]])
+            return
+        chosen, seen, batch = {p.image_id for p in pairs}, set(), []
+        for example in self._examples(with_images=True):
+            image_id = int(example["image/id"])
+            if image_id in chosen and image_id not in seen:
+                seen.add(image_id)
+                batch.append(fid_image(example["image"], size))
+                if len(batch) == chunk:
+                    yield np.stack(batch)
+                    batch = []
+        if batch:
+            yield np.stack(batch)
+        if len(seen) != len(chosen):
+            raise EvalDataError(f"tfds {self.captions!r} lacks {len(chosen) - len(seen)} of the chosen images")
+
+
 def load_reference(images_dir: str | os.PathLike, pairs: Sequence[CocoPair], size: int) -> np.ndarray:
     """The pairs' images from the folder, each through `fid_image`: (N, size, size, 3) uint8."""
-    root = Path(images_dir)
-    out = np.empty((len(pairs), size, size, 3), np.uint8)
-    for n, pair in enumerate(pairs):
-        path = root / pair.file_name
-        try:
-            with Image.open(path) as image:
-                out[n] = fid_image(image, size)
-        except FileNotFoundError:
-            raise EvalDataError(f"image {str(path)!r} of image_id {pair.image_id!r} is missing from eval.images "
-                                f"{str(root)!r}") from None
-        except OSError as err:
-            raise EvalDataError(f"image {str(path)!r} cannot be read ({err})") from None
-    return out
+    return np.stack([_load_image(Path(images_dir), pair, size) for pair in pairs])
 
 
 def listing_digest(images_dir: str | os.PathLike, pairs: Sequence[CocoPair]) -> list:
-    """What identifies the reference set cheaply: each pair's file name and byte size."""
+    """Each pair's file name and byte size; a missing image fails here, before any generation."""
     root = Path(images_dir)
-    if not root.is_dir():
-        raise EvalDataError(f"images folder {str(root)!r} (eval.images) does not exist")
     listing = []
     for pair in pairs:
         try:

@@ -155,8 +155,9 @@ class CLIPModel(nn.Module):
         `dtype` is the compute dtype; embeddings come out float32 either way.
         """
         build = lambda config: cls.from_config(config, dtype=dtype, param_dtype=param_dtype)
-        return clip_vision.load_pretrained(folder, subfolder, build, lambda module: module.dummy_inputs(),
-                                           allow_pickle=allow_pickle, dtype=param_dtype)
+        return weights.load_pretrained(folder, subfolder, build, lambda module: module.dummy_inputs(),
+                                       ignore=clip_vision.IGNORE, allow_pickle=allow_pickle, dtype=param_dtype,
+                                       name_of=clip_vision.torch_name)
 
 
 def cosine_similarity(image_embeds: jax.Array, text_embeds: jax.Array) -> jax.Array:

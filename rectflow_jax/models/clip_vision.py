@@ -4,8 +4,8 @@ Submodules carry the PyTorch attribute names of transformers >= 5 (`embeddings`,
 `pre_layrnorm` (sic), `encoder/layers_N`, `post_layernorm`); the encoder is clip_text's
 CLIPEncoder with causal=False. Two tensors are bare nn.Parameters in PyTorch, named
 without a `.weight` suffix: `embeddings.class_embedding` here and CLIPModel's
-`logit_scale`; `load_pretrained` below maps those (leaves named in BARE_LEAVES) by their
-path alone and every other one by rectflow_jax.weights' mechanical rule.
+`logit_scale`; `torch_name` below names those (leaves in BARE_LEAVES) by their path alone
+and every other one by rectflow_jax.weights' mechanical rule.
 
     vision, params = CLIPVisionModel.from_pretrained(folder)
     hidden, pooled = vision.apply({"params": params}, pixel_values)  # NHWC, already normalised
@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import traverse_util
 
 from rectflow_jax import weights
 from rectflow_jax.models import clip_text
@@ -159,56 +157,10 @@ class CLIPVisionModel(nn.Module):
         the vision_model. prefix (transformers 4 wrote it, 5 does not). Params are jax.Arrays."""
         build = lambda config: cls.from_config(config, dtype=dtype, param_dtype=param_dtype)
         strip = lambda state: {name.removeprefix(PREFIX): value for name, value in state.items()}
-        return load_pretrained(folder, subfolder, build, lambda module: module.dummy_inputs(), rename=strip,
-                               allow_pickle=allow_pickle, dtype=param_dtype)
+        return weights.load_pretrained(folder, subfolder, build, lambda module: module.dummy_inputs(), ignore=IGNORE,
+                                       rename=strip, allow_pickle=allow_pickle, dtype=param_dtype, name_of=torch_name)
 
 
-def load_pretrained(
-    folder: str | os.PathLike,
-    subfolder: str | None,
-    build: Callable[[dict[str, Any]], Any],
-    init_inputs: Callable[[Any], tuple],
-    *,
-    rename: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
-    allow_pickle: bool = False,
-    dtype: Any = np.float32,
-) -> tuple[Any, dict[str, Any]]:
-    """weights.load_pretrained for modules with bare parameters (leaves in BARE_LEAVES).
-
-    Those are matched by their joined path (`vision_model.embeddings.class_embedding`,
-    `logit_scale`), the rest by weights.params_from_state_dict; every missing, unexpected
-    or mis-shaped tensor is reported by name in one WeightLoadError. Params are jax.Arrays
-    in `dtype` on the default device.
-    """
-    path = weights.resolve_folder(folder, subfolder)
-    module = build(weights.read_config(path))
-    state = dict(weights.read_state_dict(path, allow_pickle=allow_pickle))
-    if rename is not None:
-        state = rename(state)
-    template = nn.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), *init_inputs(module))))["params"]
-    flat = traverse_util.flatten_dict(template)
-    bare, problems = {}, []
-    for leaf_path in [p for p in flat if p[-1] in BARE_LEAVES]:
-        shape, name = tuple(flat.pop(leaf_path).shape), ".".join(leaf_path)
-        if name not in state:
-            problems.append(f"missing {name}")
-            continue
-        value = np.asarray(state.pop(name))
-        if value.shape != shape:
-            problems.append(f"mis-shaped {name} {value.shape} (expected {shape})")
-            continue
-        bare[leaf_path] = value
-    place = weights.placement(template)
-    try:
-        params = weights.params_from_state_dict(traverse_util.unflatten_dict(flat), state, ignore=IGNORE,
-                                                dtype=dtype, source=str(path), place=place)
-    except weights.WeightLoadError as err:
-        if not problems:
-            raise
-        raise weights.WeightLoadError(f"{err}; {'; '.join(problems)}") from None
-    if problems:
-        raise weights.WeightLoadError(f"{path} does not match the model: {'; '.join(problems)}")
-    flat_params = traverse_util.flatten_dict(params)
-    for leaf_path, value in bare.items():
-        flat_params[leaf_path] = place(leaf_path, np.array(value, dtype=dtype))
-    return module, traverse_util.unflatten_dict(flat_params)
+def torch_name(flax_path: tuple[str, ...]) -> str:
+    """The PyTorch name of a CLIP leaf: bare parameters by their joined path, the rest as weights.torch_name."""
+    return ".".join(flax_path) if flax_path[-1] in BARE_LEAVES else weights.torch_name(flax_path)

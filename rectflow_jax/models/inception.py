@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import struct
+import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -43,7 +43,6 @@ MIN_SIZE = 75      # smallest input (resize_input=False) that leaves Mixed_7a a 
 FEATURES = 2048
 BN_EPS = 1e-3      # torchvision's BasicConv2d; not PyTorch's default 1e-5
 CONVERT_COMMAND = "python -m rectflow_jax.models.inception PTH OUT.safetensors --allow_pickle"
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
 # Tensors of pytorch-fid's file the features do not use: the 1008-way classifier after
 # the pool, and BatchNorm's training-step counters.
 IGNORED = ("fc.weight", "fc.bias")
@@ -336,14 +335,6 @@ def torch_name(flax_path: tuple[str, ...]) -> str:
     return ".".join([*modules, _LEAF_TO_TORCH[leaf]])
 
 
-def _to_flax_layout(leaf: str, value: np.ndarray) -> np.ndarray:
-    return value.transpose(2, 3, 1, 0) if leaf == "kernel" else value  # conv OIHW -> HWIO
-
-
-def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
-    return value.transpose(3, 2, 0, 1) if leaf == "kernel" else value
-
-
 def _torch_shape(leaf: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
     return (flax_shape[3], flax_shape[2], *flax_shape[:2]) if leaf == "kernel" else tuple(flax_shape)
 
@@ -363,82 +354,27 @@ def state_dict_shapes() -> dict[str, tuple[int, ...]]:
 
 def read_weights(file: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
     """All tensors of a .safetensors file, or of a PyTorch pickle (.pth/.pt/.bin) if allowed."""
-    path = Path(file)
-    if not path.is_file():
-        raise WeightLoadError(f"FID Inception weight file {str(path)!r} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        try:
-            return weights.read_safetensors(path)
-        except (OSError, ValueError, KeyError, struct.error) as err:
-            raise WeightLoadError(f"{str(path)!r} is not a readable safetensors file: {err}") from err
-    if suffix not in PICKLE_SUFFIXES:
-        raise WeightLoadError(f"{str(path)!r} is neither .safetensors nor a PyTorch {'/'.join(PICKLE_SUFFIXES)} file")
-    if not allow_pickle:
-        raise WeightLoadError(
-            f"{str(path)!r} is a PyTorch pickle and pickles can run code, so pass allow_pickle=True (the "
-            f"converter's --allow_pickle) to read it, "
-            f"or convert it once to safetensors with `{CONVERT_COMMAND}`")
-    try:
-        import torch
-    except ImportError as err:
-        raise WeightLoadError(
-            f"reading the PyTorch pickle {str(path)!r} needs torch, which is not installed (pip install "
-            f"torch==2.13.0); or convert it once, where torch is, with `{CONVERT_COMMAND}`") from err
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a bad or foreign file; all are bad input here
-        raise WeightLoadError(f"torch.load(weights_only=True) cannot read {str(path)!r}: {err}") from err
-    if not isinstance(state, Mapping):
-        raise WeightLoadError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict of tensors")
-    odd = sorted(str(name) for name, value in state.items() if not isinstance(value, torch.Tensor))
-    if odd:
-        raise WeightLoadError(f"{str(path)!r} is not a plain state dict; these entries are not tensors: "
-                              f"{', '.join(odd)}")
-    return {name: t.float().numpy() if t.is_floating_point() else t.numpy() for name, t in state.items()}
+    return weights.read_weight_file(file, what="FID Inception", allow_pickle=allow_pickle,
+                                    pickle_hint="allow_pickle=True (the converter's --allow_pickle, "
+                                                "config.eval.allow_pickle)", convert=CONVERT_COMMAND)
 
 
 def params_from_state_dict(state: Mapping[str, np.ndarray], *, source: str = "checkpoint",
                            dtype: Any = np.float32) -> dict[str, Any]:
     """FIDInceptionV3 params (jax.Arrays on the default device) from pytorch-fid's state dict.
 
-    Strict, as weights.params_from_state_dict: every missing, unexpected or mis-shaped
-    tensor is named in one WeightLoadError; only `fc.*` and `*.num_batches_tracked` are skipped.
+    Strict (weights.params_from_state_dict): every missing, unexpected or mis-shaped tensor
+    is named in one WeightLoadError; only `fc.*` and `*.num_batches_tracked` are skipped.
     """
     template = param_template()
-    flat = traverse_util.flatten_dict(template)
-    missing, misshaped, views = [], [], {}
-    for path, leaf in flat.items():
-        name = torch_name(path)
-        if name not in state:
-            missing.append(name)
-            continue
-        value = _to_flax_layout(path[-1], np.asarray(state[name]))
-        if value.shape != tuple(leaf.shape):
-            misshaped.append(f"{name} {tuple(np.shape(state[name]))} (expected "
-                             f"{_torch_shape(path[-1], leaf.shape)})")
-            continue
-        views[path] = value
-    used = {torch_name(path) for path in flat}
-    unexpected = sorted(n for n in state if n not in used and n not in IGNORED and not n.endswith(IGNORED_SUFFIX))
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)}: {', '.join(sorted(missing))}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)}: {', '.join(unexpected)}")
-    if misshaped:
-        problems.append(f"mis-shaped {len(misshaped)}: {', '.join(misshaped)}")
-    if problems:
-        raise WeightLoadError(f"{source} is not pytorch-fid's FID Inception: " + "; ".join(problems))
-    place = weights.placement(template)
-    return traverse_util.unflatten_dict({path: place(path, np.asarray(value, dtype)) for path, value in views.items()})
+    ignore = [rf"^{re.escape(name)}$" for name in IGNORED] + [rf"{re.escape(IGNORED_SUFFIX)}$"]
+    return weights.params_from_state_dict(template, state, ignore=ignore, dtype=dtype, source=source,
+                                          place=weights.placement(template), name_of=torch_name)
 
 
 def state_dict_from_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Inverse of params_from_state_dict: pytorch-fid's names and layouts, float32 (no fc, no counters)."""
-    flat = traverse_util.flatten_dict(jax.device_get(params))
-    return {torch_name(path): np.asarray(_to_torch_layout(path[-1], np.asarray(value)), np.float32)
-            for path, value in flat.items()}
+    return weights.state_dict_from_params(params, name_of=torch_name)
 
 
 def load_inception_params(path: str | os.PathLike, *, allow_pickle: bool = False,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import struct
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -58,7 +57,6 @@ MIN_SIZE = 2 ** (len(SLICES) - 1)  # four pools: smaller images leave relu5_3 em
 BACKBONE_OPTION, HEADS_OPTION = "flow.lpips.backbone", "flow.lpips.heads"
 CONVERT_COMMAND = ("python -m rectflow_jax.models.lpips --backbone F --heads F "
                    "--out lpips_vgg.safetensors --allow_pickle")
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
 # Tensors of torchvision's VGG16 file that LPIPS does not use.
 _BACKBONE_EXTRAS = (r"^classifier\.",)
 
@@ -162,40 +160,9 @@ def read_weights(file: str | os.PathLike, option: str, *, allow_pickle: bool = F
 
     `option` is the config key that names the file, for the error messages.
     """
-    path = Path(file)
-    if not path.is_file():
-        raise WeightLoadError(f"LPIPS weight file {str(path)!r} does not exist; set {option} to an existing file")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        try:
-            return weights.read_safetensors(path)
-        except (OSError, ValueError, KeyError, struct.error) as err:
-            raise WeightLoadError(f"{str(path)!r} is not a readable safetensors file ({option}): {err}") from err
-    if suffix not in PICKLE_SUFFIXES:
-        raise WeightLoadError(f"{str(path)!r} ({option}) is neither .safetensors nor a PyTorch "
-                              f"{'/'.join(PICKLE_SUFFIXES)} file")
-    if not allow_pickle:
-        raise WeightLoadError(
-            f"{str(path)!r} ({option}) is a PyTorch pickle and pickles can run code, so pass allow_pickle=True "
-            f"(--allow_pickle, config.flow.lpips.allow_pickle) to read it, or convert it once with `{CONVERT_COMMAND}`")
-    try:
-        import torch
-    except ImportError as err:
-        raise WeightLoadError(
-            f"reading the PyTorch pickle {str(path)!r} ({option}) needs torch, which is not installed "
-            f"(pip install torch==2.13.0); or convert it once, where torch is, with `{CONVERT_COMMAND}`") from err
-    try:
-        # map_location: lpips' own vgg.pth holds CUDA tensors.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a bad or foreign file; all are bad input here
-        raise WeightLoadError(f"torch.load(weights_only=True) cannot read {str(path)!r} ({option}): {err}") from err
-    if not isinstance(state, Mapping):
-        raise WeightLoadError(f"{str(path)!r} ({option}) holds a {type(state).__name__}, not a state dict of tensors")
-    odd = sorted(name for name, value in state.items() if not isinstance(value, torch.Tensor))
-    if odd:
-        raise WeightLoadError(f"{str(path)!r} ({option}) is not a plain state dict; these entries are not "
-                              f"tensors: {', '.join(map(str, odd))}")
-    return {name: t.float().numpy() if t.is_floating_point() else t.numpy() for name, t in state.items()}
+    return weights.read_weight_file(file, what="LPIPS", where=option, allow_pickle=allow_pickle,
+                                    pickle_hint="allow_pickle=True (--allow_pickle, config.flow.lpips.allow_pickle)",
+                                    convert=CONVERT_COMMAND)
 
 
 def default_heads_file() -> Path:
