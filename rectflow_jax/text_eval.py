@@ -50,6 +50,8 @@ from rectflow_jax import batch_runner, evaluate, plots, sampling, sd_folder
 from rectflow_jax import text_to_image as t2i
 from rectflow_jax.data import coco
 from rectflow_jax.data.coco import EvalDataError
+from rectflow_jax.models import inception
+from rectflow_jax.models.clip import CLIPScorer
 
 log = logging.getLogger("rectflow")
 
@@ -106,9 +108,6 @@ class Measures:
     """The two measuring networks: Inception (pytorch-fid's, for FID) and CLIP, over this host's devices."""
 
     def __init__(self, protocol: Protocol):
-        from rectflow_jax.models import inception
-        from rectflow_jax.models.clip import CLIPScorer
-
         self.inception_fingerprint = inception.weights_fingerprint(protocol.inception_weights)
         self.clip_fingerprint = sd_folder.fingerprint(protocol.clip_model)
         runner = batch_runner.BatchRunner(

@@ -59,7 +59,7 @@ def test_the_protocol_takes_each_images_first_caption_in_id_order_and_a_seeded_s
     assert coco.fid_image(np.full((8, 8, 3), 7, np.uint8), 8).shape == (8, 8, 3)
 
 
-class FakeCocoCaptions(tfds.core.GeneratorBasedBuilder):
+class FakeCocoImages(tfds.core.GeneratorBasedBuilder):
     """coco_captions' features (image, image/filename, image/id, captions) over the mock COCO's files."""
 
     VERSION = tfds.core.Version("1.1.0")
@@ -87,11 +87,11 @@ class FakeCocoCaptions(tfds.core.GeneratorBasedBuilder):
 
 def test_a_tfds_coco_captions_gives_the_same_pairs_and_reference_images_as_the_files(tmp_path, monkeypatch):
     captions, images = write_mock_coco(tmp_path / "coco")
-    monkeypatch.setattr(FakeCocoCaptions, "SOURCE", tmp_path / "coco")
-    FakeCocoCaptions(data_dir=str(tmp_path / "tfds")).download_and_prepare(
+    monkeypatch.setattr(FakeCocoImages, "SOURCE", tmp_path / "coco")
+    FakeCocoImages(data_dir=str(tmp_path / "tfds")).download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     files = coco.CocoSource.from_config({"captions": str(captions), "images": str(images)})
-    from_tfds = coco.CocoSource.from_config({"captions": "fake_coco_captions:val+test",
+    from_tfds = coco.CocoSource.from_config({"captions": "fake_coco_images:val+test",
                                              "data_dir": str(tmp_path / "tfds")})
     assert from_tfds.all_pairs() == files.all_pairs()
     pairs = coco.select_pairs(files.all_pairs(), 5, seed=1)
@@ -101,8 +101,8 @@ def test_a_tfds_coco_captions_gives_the_same_pairs_and_reference_images_as_the_f
     order = lambda images: np.lexsort(images.reshape(len(images), -1).T)  # tfds yields its own order
     np.testing.assert_array_equal(a[order(a)], b[order(b)])
     assert from_tfds.identity(pairs)["image_ids"] == [p.image_id for p in pairs]
-    for bad, words in (({"captions": "fake_coco_captions:nope", "data_dir": str(tmp_path / "tfds")}, "no split"),
-                       ({"captions": "fake_coco_captions:val", "images": str(images)}, "leave eval.images unset"),
+    for bad, words in (({"captions": "fake_coco_images:nope", "data_dir": str(tmp_path / "tfds")}, "no split"),
+                       ({"captions": "fake_coco_images:val", "images": str(images)}, "leave eval.images unset"),
                        ({"captions": str(captions)}, "--config.eval.images"),
                        ({"captions": "no/such/file.json"}, "neither an existing file")):
         with pytest.raises(coco.EvalDataError, match=words):
