@@ -37,7 +37,6 @@ XLA's default precision), so agreement there is to ~1e-3, not the CPU's ~1e-6.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -81,7 +80,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from rectflow_jax.models import inception as ours  # noqa: E402
+from sd_speed import merge_rows  # noqa: E402
 
 
 def import_pytorch_fid():
@@ -220,13 +221,8 @@ def main(args: argparse.Namespace) -> None:
           + ("" if agree else f"  <-- DIFFERENT COMPUTATIONS (above {AGREE[device.type]:g}): the timing means nothing"))
 
     if args.out:
-        out = Path(args.out)
-        rows = json.loads(out.read_text()) if out.exists() else []
         key = lambda r: (r["images"], r["batch"], r["size"], r["machine"]["torch_device"], r["machine"]["jax_backend"])
-        rows = [r for r in rows if key(r) != key(row)] + [row]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(sorted(rows, key=key), indent=2) + "\n")
-        print(f"rows -> {out}")
+        merge_rows(Path(args.out), row, key)
     if not agree:
         sys.exit(1)
 

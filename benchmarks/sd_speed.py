@@ -103,6 +103,15 @@ def rel_err(ours, ref) -> float:
     return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-12))
 
 
+def merge_rows(out: Path, row: dict, key) -> None:
+    """Adds `row` to the JSON list in `out`, replacing the row of the same key(row), sorted by key."""
+    rows = json.loads(out.read_text()) if out.exists() else []
+    rows = [r for r in rows if key(r) != key(row)] + [row]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(sorted(rows, key=key), indent=2) + "\n")
+    print(f"rows -> {out}")
+
+
 def nchw(x: np.ndarray, device, dtype) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device, dtype)
 

@@ -62,7 +62,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sd_speed import rel_err  # noqa: E402  (max |a - b| / max |b|)
+from sd_speed import merge_rows, rel_err  # noqa: E402  (rel_err: max |a - b| / max |b|)
 
 from rectflow_jax import sampling, teachers  # noqa: E402
 from rectflow_jax.random_folder import write_random_folder  # noqa: E402
@@ -262,13 +262,8 @@ def main() -> None:
               f"{verdict} the {GOAL_IMAGES_PER_S:g} images/s goal (torch {row['torch_images_per_s']:.2f})")
 
     if args.out:
-        out = Path(args.out)
-        rows = json.loads(out.read_text()) if out.exists() else []
         key = lambda r: (r["size"], r["dtype"], r["batch"], r["steps"], r["guidance"], r["machine"]["torch_device"])
-        rows = [r for r in rows if key(r) != key(row)] + [row]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(sorted(rows, key=key), indent=2) + "\n")
-        print(f"rows -> {out}")
+        merge_rows(Path(args.out), row, key)
     if not agree:
         sys.exit(1)
 

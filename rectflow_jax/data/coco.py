@@ -24,6 +24,7 @@ resolution with PIL (antialiased), and uint8 quantisation. Inception then resize
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -31,7 +32,10 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import tensorflow_datasets as tfds  # light: TensorFlow itself loads on first read
 from PIL import Image
+
+from rectflow_jax.data.prompts import prepared_builder
 
 _TFDS_NAME = re.compile(r"^\w+(/[\w.]+)?:[\w+\[\]%:-]+$")  # dataset[/config/version]:split[+split]
 
@@ -164,18 +168,11 @@ class CocoSource:
     def is_tfds(self) -> bool:
         return self.images is None
 
+    @functools.cached_property
     def _builder_and_split(self):
-        import tensorflow_datasets as tfds
-
+        """The prepared tfds builder and the split expression, checked once per source."""
         dataset, split = self.captions.split(":", 1)
-        try:
-            builder = tfds.builder(dataset, data_dir=self.data_dir)
-        except tfds.core.registered.DatasetNotFoundError:
-            raise EvalDataError(f"tfds dataset {dataset!r} given as eval.captions does not exist") from None
-        if not builder.is_prepared():  # never downloaded from here: COCO's images are some 20 GB
-            raise EvalDataError(f"tfds dataset {builder.info.full_name!r} given as eval.captions is not prepared in "
-                                f"{str(builder.data_dir_root)!r} (eval.data_dir); prepare it first, e.g. "
-                                f"tfds build {dataset} --data_dir {builder.data_dir_root}")
+        builder = prepared_builder(dataset, self.data_dir, "eval.captions", "eval.data_dir", EvalDataError)
         unknown = [s for s in split.split("+") if s.split("[")[0] not in builder.info.splits]
         if unknown:
             raise EvalDataError(f"tfds dataset {builder.info.full_name!r} has no split {unknown[0]!r} (splits: "
@@ -183,9 +180,7 @@ class CocoSource:
         return builder, split
 
     def _examples(self, with_images: bool) -> Iterator[dict]:
-        import tensorflow_datasets as tfds
-
-        builder, split = self._builder_and_split()
+        builder, split = self._builder_and_split
         wanted = {"image/id": True, "image/filename": True, "captions": {"id": True, "text": True}}
         if with_images:
             wanted["image"] = True
@@ -210,7 +205,7 @@ class CocoSource:
     def identity(self, pairs: Sequence[CocoPair]) -> dict:
         """What names the reference set cheaply: files and byte sizes, or the tfds dataset and the image ids."""
         if self.is_tfds:
-            builder, split = self._builder_and_split()
+            builder, split = self._builder_and_split
             return {"tfds": builder.info.full_name, "split": split, "image_ids": [p.image_id for p in pairs]}
         return {"images": listing_digest(self.images, pairs)}
 

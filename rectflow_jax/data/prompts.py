@@ -378,18 +378,25 @@ def _load_file(path: str, file_format: str, prompt_key: str, captions_per_image:
     return PromptSource(spec=spec, origin=os.path.abspath(path), all_prompts=prompts)
 
 
+def prepared_builder(dataset: str, data_dir: str | None, given_as: str, data_dir_key: str,
+                     error: type[Exception]) -> tfds.core.DatasetBuilder:
+    """The builder of a tfds dataset the user prepared; `error` naming the config keys when it is not."""
+    try:
+        builder = tfds.builder(dataset, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise error(f"tfds dataset {dataset!r} given as {given_as} does not exist") from None
+    if not builder.is_prepared():  # never downloaded from here: COCO's images are some 20 GB
+        raise error(f"tfds dataset {builder.info.full_name!r} given as {given_as} is not prepared in "
+                    f"{str(builder.data_dir_root)!r} ({data_dir_key}); prepare it first, e.g. "
+                    f"tfds build {dataset} --data_dir {builder.data_dir_root}")
+    return builder
+
+
 def _load_tfds_captions(name: str, captions_per_image: int, data_dir: str | None) -> PromptSource:
     """A prepared tfds dataset with coco_captions' features ('image/id', 'captions': {'id', 'text'})."""
     dataset, _, split = name.partition(":")
     split = split or "train"
-    try:
-        builder = tfds.builder(dataset, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise PromptFileError(f"tfds dataset {dataset!r} given as data.prompts does not exist") from None
-    if not builder.is_prepared():  # never downloaded from here: COCO's images are some 20 GB
-        raise PromptFileError(f"tfds dataset {builder.info.full_name!r} given as data.prompts is not prepared in "
-                              f"{str(builder.data_dir_root)!r} (data.data_dir); prepare it first, e.g. "
-                              f"tfds build {dataset} --data_dir {builder.data_dir_root}")
+    builder = prepared_builder(dataset, data_dir, "data.prompts", "data.data_dir", PromptFileError)
     if split not in builder.info.splits:
         raise PromptFileError(f"tfds dataset {builder.info.full_name!r} given as data.prompts has no split {split!r} "
                               f"(splits: {sorted(builder.info.splits)})")

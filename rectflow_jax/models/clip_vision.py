@@ -28,37 +28,12 @@ import jax.numpy as jnp
 from rectflow_jax import weights
 from rectflow_jax.models import clip_text
 from rectflow_jax.models.clip_text import CLIPEncoder
-from rectflow_jax.models.layers import Dtype, default_kernel_init, embed, layer_norm
+from rectflow_jax.models.layers import Dtype, conv, embed, layer_norm
 
 PREFIX = "vision_model."
 # Leaves whose PyTorch name is their Flax path joined by dots (bare nn.Parameters).
 BARE_LEAVES = frozenset({"class_embedding", "logit_scale"})
 IGNORE = (r"position_ids$",)  # buffers that old transformers versions saved
-
-
-class PatchEmbedding(nn.Module):
-    """transformers' bias-free patch conv (kernel = stride = patch_size) as one matmul.
-
-    The parameter is a conv `kernel` (p, p, in, out), so it loads as a Conv2d weight.
-    Pixels beyond the last whole patch are dropped, as the strided conv drops them.
-    """
-    features: int
-    patch_size: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """(B, H, W, C) -> (B, (H // p) * (W // p), features), patches in row-major order."""
-        p = self.patch_size
-        b, h, w, c = x.shape
-        kernel = self.param("kernel", nn.with_logical_partitioning(default_kernel_init, (None, None, "embed", "mlp")),
-                            (p, p, c, self.features), self.param_dtype)
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        gh, gw = h // p, w // p
-        # Patch features ordered (dy, dx, channel), as the kernel's reshape orders its rows.
-        patches = x[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
-        return jnp.einsum("bnk,ko->bno", patches.reshape(b, gh * gw, p * p * c), kernel.reshape(-1, self.features))
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -71,7 +46,10 @@ class CLIPVisionEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        patches = PatchEmbedding(self.hidden_size, self.patch_size, name="patch_embedding", **kw)(pixel_values)
+        # transformers' bias-free patch conv (kernel = stride = patch): whole patches, row-major.
+        patches = conv(self.hidden_size, self.patch_size, strides=self.patch_size, padding=0, use_bias=False,
+                       name="patch_embedding", **kw)(pixel_values)
+        patches = patches.reshape(patches.shape[0], -1, self.hidden_size)
         cls = self.param("class_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
                          (self.hidden_size,), self.param_dtype)
         num_positions = (self.image_size // self.patch_size) ** 2 + 1
