@@ -102,7 +102,7 @@ COMMANDS = {
         "sample.num_steps, sample.method (euler | heun; SD folders: ddim | dpm_solver++ too), seed; text-to-image: "
         "sample.guidance_scale (applied "
         "when > 1), sample.negative_prompt, sample.batch_size, sample.height, sample.width, sample.dtype "
-        "(float32 | bfloat16), sample.images_per_prompt, sample.num_frames, sample.prediction_type "
+        "(float32 | bfloat16), sample.samples_per_prompt, sample.num_frames, sample.prediction_type "
         "(auto | velocity)",
         (f"rectflow sample --config {_TOY} --checkpoint runs/toy/distill --out runs/toy/samples "
          "--config.sample.num_steps=1",
@@ -322,7 +322,7 @@ def sample_pretrained(config, pretrained: str, out: str, progress: bool, stage: 
         records = t2i.interpolate_to_folder(pipe, prompts, out, seeds=seeds, num_frames=cfg.num_frames, **common)
     else:
         records = t2i.generate_to_folder(pipe, prompts, out, seed=config.seed, initial_latents=initial,
-                                         images_per_prompt=cfg.images_per_prompt, **common)
+                                         samples_per_prompt=cfg.samples_per_prompt, **common)
     print(f"wrote {len(records)} images to {out} (prompts.json lists them)")
 
 

@@ -33,6 +33,17 @@ def base_config() -> ml_collections.ConfigDict:
 
     # The rectified-flow objective (t = 0 noise, t = 1 data).
     c.flow = ml_collections.ConfigDict()
+    # The first stage's objective: rectified_flow, or diffusion (a noise-prediction model like
+    # Stable Diffusion, trained on flow.diffusion's schedule). Reflow and distillation always
+    # train velocities.
+    c.flow.objective = "rectified_flow"
+    # A diffusers scheduler config: the diffusion objective trains on it, and the DDIM and
+    # DPM-Solver++ samplers of that stage read it as diffusers' schedulers would. SD 1.5's
+    # betas; trailing spacing so that one DDIM step starts from the last timestep.
+    c.flow.diffusion = ml_collections.ConfigDict({
+        "num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+        "prediction_type": "epsilon", "timestep_spacing": "trailing", "steps_offset": 0, "set_alpha_to_one": True,
+        "clip_sample": False})
     c.flow.time_sampler = "uniform"       # uniform | logit_normal | u_shaped (flow.TIME_SAMPLERS)
     # Each sampler's own arguments; only the chosen sampler's are used (and hashed into the run).
     c.flow.uniform = ml_collections.ConfigDict({"eps": 1e-3})                      # t ~ U[eps, 1]
@@ -72,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
     c.train.sample_every = 0              # TensorBoard grids; 0: at the end only
+    c.train.freeze = ()                   # top-level param names kept at their initial values (text_encoder)
 
     # Overrides for the later stages: partial configs over flow/optim/train.
     c.stages = ml_collections.ConfigDict()
@@ -114,7 +126,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.width = config_dict.placeholder(int)
     c.sample.dtype = "float32"            # compute and parameter dtype: float32 | bfloat16
     c.sample.clip_skip = 0                # text-to-image from a folder: text-encoder layers skipped at the end
-    c.sample.images_per_prompt = 1
+    c.sample.samples_per_prompt = 1       # images for each prompt, in order
+    c.sample.images_per_prompt = c.sample.get_ref("samples_per_prompt")  # the older name; the same value
     c.sample.num_frames = 8               # with --interpolate_seeds=A,B
     c.sample.save_latents = True          # latents.npz (x0, x1); off for very large runs
 
@@ -193,6 +206,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
     return {
         "data.name": tuple(sorted(datasets.DATASETS)),
         "model.name": tuple(sorted(models.MODELS)),
+        "flow.objective": flow.OBJECTIVES,
         "flow.time_sampler": tuple(sorted(flow.TIME_SAMPLERS)),
         "flow.loss": losses,
         "flow.loss_switch.loss": ("",) + losses,
@@ -213,7 +227,7 @@ def _check_flow(flow_config: ml_collections.ConfigDict, where: str) -> None:
     from rectflow_jax import flow
 
     for key in flow_config:
-        if key in ("time_sampler", "loss", "loss_switch", "cond_dropout", "lpips"):
+        if key in ("objective", "diffusion", "time_sampler", "loss", "loss_switch", "cond_dropout", "lpips"):
             continue
         if key not in flow.TIME_SAMPLERS:
             raise ConfigError(f"{where}.{key} is not a config key; a time sampler's arguments go in "

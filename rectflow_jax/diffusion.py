@@ -189,6 +189,40 @@ def diffusion_timestep(schedule: Schedule, t: jax.Array) -> jax.Array:
     return jnp.interp(t, jnp.asarray(r[::-1]), jnp.arange(len(r) - 1, -1, -1, dtype=jnp.float32))
 
 
+# ----------------------------------------------------------------------------- training
+
+
+def training_schedule(config: Mapping[str, Any], *, where: str = "flow.diffusion") -> Schedule:
+    """The schedule a diffusion objective trains on; refused here if its samplers could not read it."""
+    schedule_for(config, "dpm_solver++", where=where)
+    return schedule_for(config, "ddim", where=where)
+
+
+def model_time(timesteps: jax.Array) -> jax.Array:
+    """Our time 1 - tau / 1000 at which a model is shown SD timestep tau (DESIGN's mapping), so
+    that an SD-shaped UNet, called at (1 - t) * 1000, sees tau itself."""
+    return 1.0 - jnp.asarray(timesteps, jnp.float32) / 1000.0
+
+
+def noised(alphas_cumprod: jax.Array, x_data: jax.Array, eps: jax.Array, timesteps: jax.Array) -> jax.Array:
+    """x_tau = sqrt(alpha_bar) x_data + sqrt(1 - alpha_bar) eps, as diffusers' add_noise."""
+    alpha_bar = _expand(jnp.asarray(alphas_cumprod, jnp.float32)[timesteps], x_data)
+    return jnp.sqrt(alpha_bar) * x_data + jnp.sqrt(1.0 - alpha_bar) * eps
+
+
+def prediction_target(prediction_type: str, alphas_cumprod: jax.Array, x_data: jax.Array, eps: jax.Array,
+                      timesteps: jax.Array) -> jax.Array:
+    """What the UNet regresses: eps, v = a eps - s x_data (diffusers' get_velocity) or x_data."""
+    alpha_bar = _expand(jnp.asarray(alphas_cumprod, jnp.float32)[timesteps], x_data)
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return jnp.sqrt(alpha_bar) * eps - jnp.sqrt(1.0 - alpha_bar) * x_data
+    if prediction_type == "sample":
+        return x_data
+    raise ScheduleError(f"prediction_type {prediction_type!r} is not one of {list(PREDICTION_TYPES)}")
+
+
 def velocity_from_prediction(prediction_type: str, output: jax.Array, y: jax.Array, t: jax.Array) -> jax.Array:
     """v = x_data_hat - eps_hat in our time from a UNet output at state y, time t."""
     scale = _expand(latent_scale(t), y)

@@ -110,7 +110,7 @@ _CLASSIFIERS: dict[tuple, tuple[FeatureClassifier, np.ndarray]] = {}
 _BACKGROUNDS: dict[tuple, _Background] = {}
 
 
-def _classifier_for(dataset) -> tuple[FeatureClassifier, np.ndarray]:
+def classifier_for(dataset) -> tuple[FeatureClassifier, np.ndarray]:
     """The feature classifier of a dataset and its real features, fit once per process."""
     key = (dataset.name, tuple(dataset.shape))
     if key not in _CLASSIFIERS:
@@ -148,7 +148,7 @@ def distance_to_data(dataset, samples: np.ndarray) -> dict[str, float]:
     if len(dataset.shape) == 1:
         reference = dataset.reference(len(samples), seed=12345)["x1"]
         return {"energy_distance": energy_distance(samples, reference)}
-    classifier, real_features = _classifier_for(dataset)
+    classifier, real_features = classifier_for(dataset)
     probs = classifier.probabilities(samples)
     share = np.bincount(probs.argmax(1), minlength=classifier.num_classes) / len(samples)
     row = {

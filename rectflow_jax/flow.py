@@ -13,6 +13,9 @@ import jax
 import jax.numpy as jnp
 
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x, t) -> v, t of shape (B,)
+# What a first stage learns from data (config.flow.objective): velocities, or a diffusion
+# model's noise prediction (rectflow_jax.diffusion) that later stages reflow.
+OBJECTIVES = ("rectified_flow", "diffusion")
 
 
 def _broadcast_time(t: jax.Array, x: jax.Array) -> jax.Array:
@@ -112,9 +115,11 @@ def straightness(trajectory: jax.Array, times: jax.Array, velocities: jax.Array)
     `trajectory` is (N+1, B, ...) states on the grid `times` (N+1,), `velocities`
     (N, B, ...) the velocity used on each interval; the integral is the Riemann sum
     over the grid. Zero exactly when every trajectory is a straight line traversed at
-    constant speed. Squared norms are summed over a sample's dimensions.
+    constant speed. Squared norms are summed over a sample's dimensions. A grid over part
+    of [0, 1] (a diffusion teacher's starts just above 0) compares with the constant speed
+    that covers it: displacement / (t_N - t_0).
     """
-    displacement = trajectory[-1] - trajectory[0]
+    displacement = (trajectory[-1] - trajectory[0]) / (times[-1] - times[0])
     dev = jnp.square(velocities - displacement[None]).reshape(velocities.shape[0], velocities.shape[1], -1)
     per_step = jnp.mean(jnp.sum(dev, axis=-1), axis=1)
     return jnp.sum(per_step * jnp.diff(times))

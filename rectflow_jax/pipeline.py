@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -136,23 +137,90 @@ def train_stage(config, stage_dir: str | Path, kind: str, *, name: str | None = 
 
     frozen, extra_losses, null_cond, preview = {}, {}, None, None
     if isinstance(model, models.SDVelocity):
-        folder = stage_config.model.pretrained
-        frozen = sd_velocity.load_frozen(model, folder)
-        null_cond = TextConditioner(sd_folder.load_tokenizer(folder), model.text_encoder).null_cond()
+        if model.text_encoder_from_folder:
+            folder = stage_config.model.pretrained
+            frozen = sd_velocity.load_frozen(model, folder)
+            tokenizer = sd_folder.load_tokenizer(folder)
+        else:
+            tokenizer = stage_tokenizer(stage_dir, dataset, model, teacher_dir if init_from_teacher else None)
+        text = TextConditioner(tokenizer, model.text_encoder)
+        null_cond = text.null_cond()
+        if pairs_dir is None:  # captioned images: prompts tokenised as batches come
+            batches = _tokenized(batches, text, dataset)
         if "lpips" in {name for _, name in train.loss_schedule(stage_config)}:
+            if not model.text_encoder_from_folder:
+                raise ConfigError("flow.loss 'lpips' compares VAE-decoded latents: it needs a model.pretrained "
+                                  "Stable Diffusion folder")
             extra_losses["lpips"], loss_params = perceptual.lpips_latent_loss(stage_config, folder)
             frozen.update(loss_params)
     else:
         if dataset.num_classes:
             null_cond = {"label": np.full((1,), dataset.num_classes, np.int32)}
         preview = _preview_fn(stage_config, dataset, model, 1 if kind == "distill" else config.sample.num_steps)
+    if kind == "distill":
+        objective = "distill"
+    elif kind == "rf" and stage_config.flow.get("objective", "rectified_flow") == "diffusion":
+        objective = "diffusion"
+    else:
+        objective = "flow"
     stage = train.Stage(
-        name=name or stage_dir.name, objective="distill" if kind == "distill" else "flow", model=model,
+        name=name or stage_dir.name, objective=objective, model=model,
         shape=tuple(dataset.shape), num_classes=dataset.num_classes, source_fn=dataset.sample_source,
         batches=batches, init_params=init_params, meta=meta, identity=identity, sample_fn=preview,
         frozen_params=frozen, extra_losses=extra_losses, null_cond=null_cond)
     train.train(stage_config, stage_dir, stage, progress=progress)
     return stage_dir
+
+
+def stage_tokenizer(stage_dir: str | Path, dataset, model, teacher_dir: str | Path | None):
+    """The tokenizer of a text model trained from scratch, kept in its stage (stage_dir/tokenizer).
+
+    A first stage learns a CLIP BPE from its data's training prompts; a stage started from
+    a teacher takes the teacher's, which its token ids (and triplets) were made with.
+    """
+    from rectflow_jax import tokenizer as bpe
+
+    target = Path(stage_dir) / "tokenizer"
+    if not target.is_dir():
+        staging = Path(stage_dir) / f".tokenizer.{jax.process_index()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        if teacher_dir is not None:
+            if not (Path(teacher_dir) / "tokenizer").is_dir():
+                raise teachers.IncompatibleTeacher(f"teacher {str(teacher_dir)!r} keeps no tokenizer/ of its own")
+            shutil.copytree(Path(teacher_dir) / "tokenizer", staging)
+        else:
+            if not hasattr(dataset, "prompt_source"):
+                raise ConfigError(f"a text model trained from scratch learns its tokenizer from captioned data; "
+                                  f"data {dataset.name!r} has no prompts")
+            corpus = dataset.prompt_source().all_prompts
+            bpe.build_corpus_tokenizer(corpus, staging, model_max_length=model.text_encoder.max_position_embeddings)
+        try:
+            staging.rename(target)
+        except OSError:  # another process got there first: theirs is the same tokenizer
+            shutil.rmtree(staging, ignore_errors=True)
+    tokenizer = sd_folder.load_tokenizer(stage_dir)
+    if len(tokenizer) > model.text_encoder.vocab_size:
+        raise ConfigError(f"the tokenizer in {str(target)!r} has {len(tokenizer)} tokens, more than "
+                          f"model.text_encoder.vocab_size={model.text_encoder.vocab_size}; raise it")
+    return tokenizer
+
+
+def _tokenized(batches, text: TextConditioner, dataset):
+    """Batches with 'prompt' replaced by its token ids; the training prompts are tokenised once."""
+    known = list(dataset.prompt_source().all_prompts) if hasattr(dataset, "prompt_source") else []
+    ids_of = dict(zip(known, text.tokenize(known))) if known else {}
+
+    def tokenized(batch_size, seed, start, shard):
+        for batch in batches(batch_size, seed, start, shard):
+            batch = dict(batch)
+            texts = [str(p) for p in batch.pop("prompt")]
+            missing = sorted({t for t in texts if t not in ids_of})
+            if missing:
+                ids_of.update(zip(missing, text.tokenize(missing)))
+            batch["input_ids"] = np.stack([ids_of[t] for t in texts])
+            yield batch
+
+    return tokenized
 
 
 def _check_pair_sizes(cfg) -> int:
@@ -212,8 +280,10 @@ TEXT_PAIRS_IDENTITY = ("guidance_scale", "negative_prompt", "prompts", "noise_se
 
 
 def text_pair_settings(config, teacher_dir: str | Path):
-    """The solver settings for triplets: config.teacher for a pretrained folder, config.pairs for our stages."""
-    return config.teacher if sd_folder.is_pipeline_folder(teacher_dir) else config.pairs
+    """The solver settings for triplets: config.teacher for the first teacher (a pretrained folder or a
+    diffusion model of ours), config.pairs for our reflowed stages (2-RF making the student's pairs)."""
+    first = sd_folder.is_pipeline_folder(teacher_dir) or teachers.stage_parametrisation(teacher_dir) != "velocity"
+    return config.teacher if first else config.pairs
 
 
 def generate_text_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *, progress: bool = True) -> Path:
@@ -239,7 +309,7 @@ def generate_text_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *,
         raise teachers.IncompatibleTeacher(f"teacher {str(teacher_dir)!r} makes latents of shape "
                                            f"{teacher.latent_shape}, but data.latent_shape is {tuple(dataset.shape)}")
     teacher.time_grid(settings.method, settings.num_steps)  # a bad scheduler or step count fails before any work
-    prompt_source = prompts.load_prompts(dataset.prompt_options)
+    prompt_source = dataset.prompt_source()
     provenance = teacher.provenance
     noise_seed = int(checkpoint.json_hash({"seed": config.seed, "teacher": provenance})[:8], 16)
     scale, guided = float(settings.guidance_scale), sampling.guidance_applies(settings.guidance_scale)
@@ -332,7 +402,7 @@ def run_pipeline(config, workdir: str | Path, *, progress: bool = True) -> dict[
     Text-to-image configs (data.name 'prompts') run InstaFlow's recipe instead
     (`run_text_pipeline`).
     """
-    if config.data.name == "prompts":
+    if hasattr(datasets.get_dataset(config.data), "prompt_source"):
         return run_text_pipeline(config, workdir, progress=progress)
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -448,21 +518,31 @@ TEXT_STAGES = ("pairs_teacher", "2rf", "pairs_2rf", "distill")
 
 
 def run_text_pipeline(config, workdir: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """InstaFlow, from the folder in config.teacher.pretrained, then the report; reruns resume.
+    """InstaFlow, from the folder in config.teacher.pretrained or a teacher trained here; then the report.
 
-    A diffusion folder (Stable Diffusion): triplets W/pairs_teacher -> 2-RF W/2rf (from the
-    teacher's UNet) -> pairs with CFG W/pairs_2rf -> one-step distillation W/distill. A
-    velocity folder (a 2-RF release) is straight already: W/pairs_teacher -> W/distill.
+    Captioned images (data 'digits_text') first train the diffusion teacher W/teacher
+    (flow.objective 'diffusion'). From a diffusion teacher (that one, or Stable Diffusion):
+    triplets W/pairs_teacher -> 2-RF W/2rf (from the teacher's UNet) -> pairs with CFG
+    W/pairs_2rf -> one-step distillation W/distill. A velocity folder (a 2-RF release) is
+    straight already: W/pairs_teacher -> W/distill. Reruns resume.
     """
-    teacher = config.teacher.get("pretrained")
-    if not teacher:
-        raise ConfigError("a text-to-image pipeline starts from a Stable Diffusion or 2-RF folder: set "
-                          "--config.teacher.pretrained=FOLDER")
     work = Path(workdir)
+    teacher = config.teacher.get("pretrained")
+    trains_teacher = not teacher
+    plan = []
+    if trains_teacher:
+        if not hasattr(datasets.get_dataset(config.data), "prompt_table"):
+            raise ConfigError("a text-to-image pipeline starts from a Stable Diffusion or 2-RF folder: set "
+                              "--config.teacher.pretrained=FOLDER (or train one on captioned images, data "
+                              "'digits_text')")
+        if config.flow.get("objective") != "diffusion":
+            raise ConfigError("the teacher trained on captioned images is a diffusion model: set "
+                              "flow.objective='diffusion'")
+        teacher = work / "teacher"
+        plan.append(("teacher", lambda: train_stage(config, teacher, "rf", progress=progress)))
     work.mkdir(parents=True, exist_ok=True)
-    reflow = _needs_reflow(config, teacher)
-    plan = [("pairs_teacher", lambda: generate_pairs(config, teacher, work / "pairs_teacher", progress=progress))]
-    if reflow:
+    plan.append(("pairs_teacher", lambda: generate_pairs(config, teacher, work / "pairs_teacher", progress=progress)))
+    if trains_teacher or _needs_reflow(config, teacher):
         plan += [
             ("2rf", lambda: train_stage(config, work / "2rf", "reflow", pairs_dir=work / "pairs_teacher",
                                         teacher_dir=teacher, progress=progress)),
@@ -476,6 +556,10 @@ def run_text_pipeline(config, workdir: str | Path, *, progress: bool = True) -> 
     for name, run in plan:
         log.info("stage %s", name)
         run()
+    if trains_teacher:
+        from rectflow_jax import text_report  # transformers and the classifier: only for the report
+
+        return text_report.write_digits_text_report(config, work)
     return write_text_report(config, work)
 
 

@@ -29,7 +29,8 @@ The tokenizer is a real CLIP byte-level BPE: the 256 byte symbols, each also wit
 end-of-word mark `</w>`, one whole-word token `word</w>` per word of the word list (the
 module's CAPTION_WORDS by default) with the merges that lead to it, then <|startoftext|> and
 <|endoftext|> (last two ids; <|endoftext|> also pads, as in SD). Any text tokenises;
-words of the list are one id each, others fall back to shorter pieces down to bytes.
+words of the list are one id each, others fall back to shorter pieces down to bytes. It is
+built by rectflow_jax/tokenizer.py (`build_bpe`, `write_tokenizer`).
 
 `kind` only names the pipeline in model_index.json: "stable_diffusion" (a noise or
 v-prediction SD model, `prediction_type` in the scheduler config) or "rectified_flow"
@@ -53,14 +54,13 @@ from flax import traverse_util
 from rectflow_jax.models.clip_text import CLIPTextModel
 from rectflow_jax.models.sd_unet import UNet2DConditionModel
 from rectflow_jax.models.vae import AutoencoderKL
+from rectflow_jax.tokenizer import BOS, EOS, build_bpe, write_tokenizer
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 KINDS = ("stable_diffusion", "rectified_flow")
 PIPELINE_CLASSES = {"stable_diffusion": "StableDiffusionPipeline", "rectified_flow": "RectifiedFlowPipeline"}
 DIFFUSERS_VERSION = "0.21.4"  # written as the version that saved the folder (that of the released InstaFlow)
 PERTURBATION = 0.02  # std of the noise added to the tensors init leaves constant
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-EOW = "</w>"
 
 UNET_CONFIG: dict[str, Any] = {
     "_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
@@ -109,104 +109,6 @@ hat shirt dress ball book phone computer clock light lamp fire smoke
 style art digital oil watercolor detailed high quality realistic abstract
 one two three many some very group top front side view close up
 """.split())
-
-
-# ---------------------------------------------------------------------------- tokenizer
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP's byte -> printable character table (the base symbols of byte-level BPE)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _bpe(symbols: Sequence[str], ranks: Mapping[tuple[str, str], int]) -> list[str]:
-    """CLIP's BPE on one word's symbols: merge the best-ranked adjacent pair until none is known."""
-    word = list(symbols)
-    while len(word) > 1:
-        pairs = {(a, b) for a, b in zip(word, word[1:])}
-        best = min(pairs, key=lambda pair: ranks.get(pair, float("inf")))
-        if best not in ranks:
-            break
-        merged, i = [], 0
-        while i < len(word):
-            if i < len(word) - 1 and (word[i], word[i + 1]) == best:
-                merged.append(word[i] + word[i + 1])
-                i += 2
-            else:
-                merged.append(word[i])
-                i += 1
-        word = merged
-    return word
-
-
-def _word_symbols(word: str, byte_map: Mapping[int, str]) -> list[str]:
-    chars = [byte_map[b] for b in word.encode("utf-8")]
-    return chars[:-1] + [chars[-1] + EOW]
-
-
-def check_words(words: Sequence[str]) -> list[str]:
-    """The word list, lowercased and deduplicated in order; each must be letters only.
-
-    CLIP's pre-tokenizer lowercases text and splits letters from digits, punctuation and
-    spaces, so only an all-letter word can reach BPE whole.
-    """
-    seen: dict[str, None] = {}
-    for word in words:
-        if not isinstance(word, str) or not word or not word.isalpha():
-            raise ValueError(f"vocab_words must be non-empty words of letters only, got {word!r}")
-        seen.setdefault(word.lower(), None)
-    return list(seen)
-
-
-def build_bpe(words: Sequence[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """(vocab, merges) of a CLIP BPE in which each of `words` is the single token `word</w>`.
-
-    Merges are added word by word: while the word does not yet come out whole under the
-    merges so far, the first two of its current pieces are merged, as the lowest-priority
-    merge. A merge of lowest priority only applies once no earlier one does, so the words
-    already made whole stay whole.
-    """
-    byte_map = bytes_to_unicode()
-    base = list(byte_map.values())
-    vocab = {token: i for i, token in enumerate(base + [c + EOW for c in base])}
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
-    for word in check_words(words):
-        symbols = _word_symbols(word, byte_map)
-        pieces = _bpe(symbols, ranks)
-        while len(pieces) > 1:
-            pair = (pieces[0], pieces[1])
-            ranks[pair] = len(merges)
-            merges.append(pair)
-            vocab.setdefault(pair[0] + pair[1], len(vocab))
-            pieces = _bpe(symbols, ranks)
-    vocab[BOS] = len(vocab)
-    vocab[EOS] = len(vocab)
-    return vocab, merges
-
-
-def write_tokenizer(folder: Path, words: Sequence[str] = CAPTION_WORDS) -> dict[str, int]:
-    """A CLIP tokenizer folder as released (vocab.json, merges.txt, configs); returns the vocab."""
-    vocab, merges = build_bpe(words)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-                                       encoding="utf-8")
-    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-              "errors": "replace", "add_prefix_space": False, "clean_up_tokenization_spaces": True, **special}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    return vocab
 
 
 # ---------------------------------------------------------------------------- weights
@@ -267,7 +169,7 @@ def write_random_folder(out: str | Path, *, prediction_type: str = "epsilon", ki
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
 
-    vocab = write_tokenizer(root / "tokenizer", CAPTION_WORDS if vocab_words is None else vocab_words)
+    vocab = write_tokenizer(root / "tokenizer", *build_bpe(CAPTION_WORDS if vocab_words is None else vocab_words))
     clip_config = _merged(CLIP_CONFIG, text_encoder)
     clip_config.update(vocab_size=len(vocab), bos_token_id=vocab[BOS], eos_token_id=vocab[EOS],
                        pad_token_id=vocab[EOS])

@@ -127,7 +127,8 @@ class SDTeacher:
     params: dict            # {'unet': ..., 'text_encoder': ...}
     parametrisation: str    # 'velocity' or a diffusion prediction type (sd_folder.parametrisation)
     scheduler_config: dict | None
-    pretrained: str         # the folder holding its VAE, text encoder and tokenizer
+    pretrained: str         # the folder holding its VAE, text encoder and tokenizer; '' for a pixel-space
+                            # model of ours (its text encoder and tokenizer are in its stage)
     source: str             # what it was loaded from (a folder or a stage directory)
     provenance: dict        # {'run_hash', 'step'}: a stage's checkpoint, or 'folder:<fingerprint>' and 0
 
@@ -181,6 +182,16 @@ class SDTeacher:
         one UNet call; for a diffusion UNet that is guidance on its output, as in diffusers.
         """
         schedule = self.schedule(method)
+        end = self.solution(params, x0, ids, negative_ids, guidance_scale, method=method, num_steps=num_steps,
+                            guided=guided).x1
+        return end if schedule is None else diffusion.from_rf(end, self.time_grid(method, num_steps)[-1])
+
+    def solution(self, params: Any, x0: jax.Array, ids: jax.Array, negative_ids: jax.Array,
+                 guidance_scale: jax.Array, *, method: str, num_steps: int, guided: bool,
+                 return_trajectory: bool = False) -> sampling.Solution:
+        """`solve`'s ODE solution in rectified-flow coordinates (y, t), with its trajectory if asked:
+        what straightness is measured on, for either kind of UNet."""
+        schedule = self.schedule(method)
         times = jnp.asarray(self.time_grid(method, num_steps))
         if guided:
             text = self.text.encode(params["text_encoder"], jnp.concatenate([ids, negative_ids]))
@@ -191,8 +202,7 @@ class SDTeacher:
         if guided:
             field = sampling.classifier_free_guidance_batched(field, guidance_scale)
         start = x0 if schedule is None else diffusion.to_rf(x0, times[0])
-        end = sampling.integrate(field, start, method=method, times=times).x1
-        return end if schedule is None else diffusion.from_rf(end, times[-1])
+        return sampling.integrate(field, start, method=method, times=times, return_trajectory=return_trajectory)
 
 
 def load_sd_teacher(path: str | Path, *, dtype: str = "float32", prediction_type: str = "auto",
@@ -216,6 +226,9 @@ def load_sd_teacher(path: str | Path, *, dtype: str = "float32", prediction_type
         provenance = {"run_hash": f"folder:{sd_folder.fingerprint(path)}", "step": 0}
         pretrained, params = str(path), {"unet": unet_params}
         trained_skip = 0
+        text_encoder, params["text_encoder"] = CLIPTextModel.from_pretrained(
+            path, "text_encoder", dtype=kind, param_dtype=kind, allow_pickle=allow_pickle, shardings=shardings)
+        tokenizer = sd_folder.load_tokenizer(path)
     else:
         meta, step = checkpoint.read_meta(path)
         if meta.get("model", {}).get("name") != "sd_unet":
@@ -229,22 +242,37 @@ def load_sd_teacher(path: str | Path, *, dtype: str = "float32", prediction_type
         if shardings is not None:
             abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings),
                                               abstract)
-        restored = checkpoint.restore_params(path, abstract)
-        unet = SDVelocity.from_model_config(stored | {"dtype": dtype, "param_dtype": dtype}).unet
-        pretrained = str(meta["model"]["pretrained"])
-        params = {"unet": jax.tree_util.tree_map(lambda a: jnp.asarray(a, kind), restored["unet"])}
-        scheduler, parametrisation = sd_folder.read_scheduler_config(pretrained), "velocity"
+        restored = jax.tree_util.tree_map(lambda a: jnp.asarray(a, kind), checkpoint.restore_params(path, abstract))
+        computing = SDVelocity.from_model_config(stored | {"dtype": dtype, "param_dtype": dtype})
+        unet, params = computing.unet, {"unet": restored["unet"]}
         provenance = {"run_hash": str(meta.get("run_hash", "")), "step": int(step)}
         trained_skip = model.clip_skip
-    text_encoder, text_params = CLIPTextModel.from_pretrained(pretrained, "text_encoder", dtype=kind, param_dtype=kind,
-                                                              allow_pickle=allow_pickle, shardings=shardings)
-    params["text_encoder"] = text_params
-    text = TextConditioner(sd_folder.load_tokenizer(pretrained), text_encoder,
-                           clip_skip=trained_skip if clip_skip is None else clip_skip)
+        # A diffusion stage (flow.objective 'diffusion') is sampled on the schedule it was trained on.
+        scheduler = meta.get("run", {}).get("flow", {}).get("diffusion")
+        parametrisation = stage_parametrisation(path)
+        if model.text_encoder_from_folder:
+            pretrained = str(meta["model"]["pretrained"])
+            scheduler = scheduler or sd_folder.read_scheduler_config(pretrained)
+            text_encoder, params["text_encoder"] = CLIPTextModel.from_pretrained(
+                pretrained, "text_encoder", dtype=kind, param_dtype=kind, allow_pickle=allow_pickle,
+                shardings=shardings)
+            tokenizer = sd_folder.load_tokenizer(pretrained)
+        else:  # trained with the UNet: in the checkpoint, its tokenizer in the stage
+            pretrained, text_encoder = "", computing.text_encoder
+            params["text_encoder"] = restored["text_encoder"]
+            tokenizer = sd_folder.load_tokenizer(path)
+    text = TextConditioner(tokenizer, text_encoder, clip_skip=trained_skip if clip_skip is None else clip_skip)
     width, context = text_encoder.hidden_size, unet.cross_attention_dim
     if (context if isinstance(context, int) else context[0]) != width:
         raise WeightLoadError(f"{str(path)!r}: the UNet attends to {context}-wide text but the text encoder gives {width}")
     return SDTeacher(unet, text, params, parametrisation, scheduler, pretrained, str(path), provenance)
+
+
+def stage_parametrisation(stage_dir: str | Path) -> str:
+    """'velocity', or the prediction type of a stage trained on flow.objective 'diffusion'."""
+    meta, _ = checkpoint.read_meta(stage_dir)
+    scheduler = meta.get("run", {}).get("flow", {}).get("diffusion")
+    return scheduler["prediction_type"] if scheduler else "velocity"
 
 
 def is_sd_teacher(path: str | Path) -> bool:

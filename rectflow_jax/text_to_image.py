@@ -22,6 +22,8 @@ What `generate_to_folder` and `interpolate_to_folder` write in the output folder
   NNNNN.png                 one image each, numbered in run order (prompt-major)
   latents.npz               x0 (initial noise) and x1 (final latents), float32 NHWC, with
                             prompt_index and seed, plus image_index or alpha per image
+  samples.npz               x1: the images as float32 NHWC in [-1, 1] (a pixel-space model's
+                            outputs clipped, else the decoded uint8 images), and prompt (N,)
   prompts.json              the settings and, per image, its file, prompt and seed
   interpolation_KKKKK.png   (interpolation) prompt K's frames side by side
 """
@@ -142,6 +144,11 @@ class TextToImage:
         compute_dtype(dtype)
         mesh = mesh or parallel.make_mesh(devices=jax.local_devices())
         teacher = teachers.load_sd_teacher(stage_dir, dtype=dtype, shardings=parallel.replicated(mesh))
+        if not teacher.pretrained:  # a pixel-space model of ours: its outputs are the images
+            return cls(teacher.unet, None, teacher.text.text_encoder, teacher.text.tokenizer, teacher.params,
+                       pipeline_class="", source=teacher.source, mesh=mesh, scheduler_config=teacher.scheduler_config,
+                       parametrisation=teacher.parametrisation, clip_skip=teacher.text.clip_skip,
+                       provenance=teacher.provenance)
         return cls._with_vae(teacher, teacher.pretrained, dtype, False, mesh, sd_folder.VELOCITY_PIPELINES[0])
 
     @classmethod
@@ -164,6 +171,9 @@ class TextToImage:
         """Writes a whole velocity pipeline folder (sd_folder.write_pipeline_folder) that diffusers,
         transformers and we load back. Only velocity models are exported: a diffusion UNet saved
         as a RectifiedFlowPipeline would be sampled into noise."""
+        if self.vae is None:
+            raise TextToImageError(f"{self.source!r} is a pixel-space model (no VAE); only latent models are exported "
+                                   "as diffusers pipeline folders")
         if not self.teacher.is_velocity:
             raise TextToImageError(f"{self.source!r} is a diffusion model ({self.teacher.parametrisation}); only "
                                    "velocity models are exported as RectifiedFlowPipeline folders")
@@ -175,7 +185,7 @@ class TextToImage:
         width, context = self.text_encoder.hidden_size, self.unet.cross_attention_dim
         if (context if isinstance(context, int) else context[0]) != width:
             raise WeightLoadError(f"the UNet attends to {context}-wide text but the text encoder gives {width}")
-        if self.unet.in_channels != self.vae.latent_channels:
+        if self.vae is not None and self.unet.in_channels != self.vae.latent_channels:
             raise WeightLoadError(f"the UNet takes {self.unet.in_channels} latent channels, the VAE has "
                                   f"{self.vae.latent_channels}")
 
@@ -183,7 +193,7 @@ class TextToImage:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.block_out_channels) - 1)
+        return 1 if self.vae is None else 2 ** (len(self.vae.block_out_channels) - 1)
 
     def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """(height, width) in pixels: the UNet's sample_size times the VAE factor unless given."""
@@ -255,12 +265,15 @@ class TextToImage:
 
     @functools.cached_property
     def _decode(self) -> Callable:
+        if self.vae is None:
+            return jax.jit(lambda params, images: to_uint8(images))
         return jax.jit(lambda params, latents: to_uint8(self.vae.apply(
             {"params": params}, latents / self.vae.scaling_factor, method=self.vae.decode)))
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Final latents -> uint8 NHWC images (vae.decode(latents / scaling_factor))."""
-        return np.asarray(self._decode(self.params["vae"], jnp.asarray(latents)))
+        """Final latents -> uint8 NHWC images (vae.decode(latents / scaling_factor); a pixel-space
+        model's outputs themselves)."""
+        return np.asarray(self._decode(self.params.get("vae"), jnp.asarray(latents)))
 
 
 # ---------------------------------------------------------------------- runs to a folder
@@ -268,7 +281,7 @@ class TextToImage:
 
 def generate_to_folder(pipe: TextToImage, prompts: Sequence[str], out_dir: str | os.PathLike, *, seed: int = 0,
                        num_steps: int = 1, method: str = "euler", guidance_scale: float = 1.0,
-                       negative_prompt: str = "", images_per_prompt: int = 1, batch_size: int = 1,
+                       negative_prompt: str = "", samples_per_prompt: int = 1, batch_size: int = 1,
                        height: int | None = None, width: int | None = None, save_latents: bool = True,
                        initial_latents: np.ndarray | None = None, progress: bool = True) -> list[dict]:
     """Images of every prompt (see the module docstring for seeds and files); returns the records.
@@ -278,8 +291,8 @@ def generate_to_folder(pipe: TextToImage, prompts: Sequence[str], out_dir: str |
     """
     latent_shape = pipe.latent_shape(height, width)
     records = [{"prompt_index": k, "prompt": prompt, "seed": seed + k, "image_index": i}
-               for k, prompt in enumerate(prompts) for i in range(images_per_prompt)]
-    settings = {"seed": seed, "images_per_prompt": images_per_prompt}
+               for k, prompt in enumerate(prompts) for i in range(samples_per_prompt)]
+    settings = {"seed": seed, "samples_per_prompt": samples_per_prompt}
     if initial_latents is None:
         noise = lambda batch: initial_noise([r["seed"] for r in batch], [r["image_index"] for r in batch],
                                             latent_shape)
@@ -292,7 +305,7 @@ def generate_to_folder(pipe: TextToImage, prompts: Sequence[str], out_dir: str |
             record["latent_index"] = n
             del record["seed"]
         noise = lambda batch: initial_latents[[r["latent_index"] for r in batch]]
-        settings = {"seed": None, "initial_latents": True, "images_per_prompt": images_per_prompt}
+        settings = {"seed": None, "initial_latents": True, "samples_per_prompt": samples_per_prompt}
     return _render(pipe, records, noise, Path(out_dir), settings, num_steps=num_steps, method=method,
                    guidance_scale=guidance_scale, negative_prompt=negative_prompt, batch_size=batch_size,
                    latent_shape=latent_shape, save_latents=save_latents, progress=progress)
@@ -338,7 +351,7 @@ def _render(pipe: TextToImage, records: list[dict], noise: Callable[[list[dict]]
         log.warning("a batch of %d images does not split evenly over %d devices, so each batch is padded to %d: "
                     "make --config.sample.batch_size a multiple of %d to waste no work", batch, pipe.mesh.size,
                     -(-batch // pipe.mesh.size) * pipe.mesh.size, pipe.mesh.size)
-    x0s, x1s = [], []
+    x0s, x1s, samples = [], [], []
     bar = tqdm(range(0, len(records), batch), desc=f"sample -> {out.name}", unit="batch", disable=not progress)
     for start in bar:
         chunk = records[start:start + batch]
@@ -348,14 +361,18 @@ def _render(pipe: TextToImage, records: list[dict], noise: Callable[[list[dict]]
                                    guidance_scale=guidance_scale, negative_prompt=negative_prompt)
         for n, (record, image) in enumerate(zip(chunk, images), start):
             record["file"] = f"{n:05d}.png"
-            Image.fromarray(image).save(out / record["file"])
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(out / record["file"])
         x0s.append(x0[:len(chunk)])
         x1s.append(x1[:len(chunk)])
+        samples.append(np.clip(x1[:len(chunk)], -1.0, 1.0) if pipe.vae is None
+                       else images[:len(chunk)].astype(np.float32) / 127.5 - 1.0)
     if save_latents:
         columns = {key: np.asarray([r[key] for r in records])
                    for key in ("prompt_index", "seed", "seed_b", "image_index", "alpha", "latent_index")
                    if key in records[0]}
         np.savez(out / "latents.npz", x0=np.concatenate(x0s), x1=np.concatenate(x1s), **columns)
+    np.savez(out / "samples.npz", x1=np.concatenate(samples).astype(np.float32),
+             prompt=np.asarray([r["prompt"] for r in records], dtype=str))
     height, width = latent_shape[0] * pipe.vae_scale_factor, latent_shape[1] * pipe.vae_scale_factor
     guided = sampling.guidance_applies(guidance_scale)
     summary = {"pretrained": pipe.source, "pipeline_class": pipe.pipeline_class,

@@ -2,7 +2,9 @@
 
 A stage differs only in its batches (data or pair shards), its initial parameters
 (fresh or a teacher's) and its objective: 'flow' regresses v(X_t, t) on X1 - X0 at
-sampled t; 'distill' trains the one-step map x0 + v(x0, 0) onto x1.
+sampled t; 'distill' trains the one-step map x0 + v(x0, 0) onto x1; 'diffusion' trains a
+noise (or v-, or sample-) prediction on a diffusers noise schedule, as Stable Diffusion
+was trained: the model sees x_tau at our time 1 - tau / 1000 (rectflow_jax.diffusion).
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
-from rectflow_jax import checkpoint, configlib, flow, models, parallel, sampling
+from rectflow_jax import checkpoint, configlib, diffusion, flow, models, parallel, sampling
 
-OBJECTIVES = ("flow", "distill")
+OBJECTIVES = ("flow", "distill", "diffusion")
 SCHEDULES = ("constant", "cosine")                  # optim.schedule, after the linear warm-up
 EMA_WARMUPS = ("ramp", "bias_correction", "none")   # optim.ema_warmup, see configlib.base_config
 
@@ -133,7 +135,8 @@ def batch_x0(batch: Mapping[str, jax.Array], source_fn: Callable, key: jax.Array
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, objective: str,
                     loss: LossFn, time_sampler: Callable, source_fn: Callable,
                     ema_decay: Callable[[jax.Array], jax.Array], cond_dropout: float = 0.0,
-                    null_cond: Mapping[str, Any] | None = None):
+                    null_cond: Mapping[str, Any] | None = None, schedule: diffusion.Schedule | None = None,
+                    freeze: tuple[str, ...] = ()):
     """The pure step (state, batch, key, frozen) -> (state, metrics); jit it with shardings.
 
     A batch holds x1, and optionally x0 (or the (noise_seed, noise_index) it is regenerated
@@ -142,11 +145,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, objec
     `ema_decay(t)` is the decay of the t-th EMA update (ema_decay_schedule). metrics
     hold the loss (of the params before the update) and `finite`: whether the loss
     and the whole updated state are finite, so a diverged state is never saved.
+    `schedule`: the diffusion objective's noise schedule. `freeze`: top-level param names
+    that get neither gradient nor update (2-RF keeping its teacher's text encoder).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
     if cond_dropout and null_cond is None:
         raise ValueError("condition dropout needs the null condition")
+    if (objective == "diffusion") != (schedule is not None):
+        raise ValueError("the diffusion objective, and only it, takes a noise schedule")
+    alphas_cumprod = None if schedule is None else jnp.asarray(schedule.alphas_cumprod, jnp.float32)
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array], base_key: jax.Array, frozen: Any = None):
         # Keys derive from the step, so a resumed run draws what an uninterrupted one would.
@@ -160,10 +168,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, objec
         frozen = frozen or {}
 
         def compute_loss(params):
+            params = {k: jax.lax.stop_gradient(v) if k in freeze else v for k, v in params.items()}
             variables = {"params": {**params, **{k: frozen[k] for k in models.frozen_keys(model)}}}
             apply = lambda x, t: model.apply(variables, x, t, cond, train=True, rngs={"dropout": key_dropout})
             if objective == "distill":
                 pred, target = x0 + apply(x0, jnp.zeros((x0.shape[0],))), x1
+            elif objective == "diffusion":  # x0 is the noise eps
+                tau = jax.random.randint(key_t, (x0.shape[0],), 0, len(schedule.alphas_cumprod))
+                pred = apply(diffusion.noised(alphas_cumprod, x1, x0, tau), diffusion.model_time(tau))
+                target = diffusion.prediction_target(schedule.prediction_type, alphas_cumprod, x1, x0, tau)
             else:
                 t = time_sampler(key_t, x0.shape[0])
                 pred, target = apply(flow.interpolate(x0, x1, t), t), flow.target_velocity(x0, x1)
@@ -171,6 +184,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, objec
 
         loss_value, grads = jax.value_and_grad(compute_loss)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        # Zero, not just zero-gradient: weight decay would still move a frozen part.
+        updates = {k: jax.tree_util.tree_map(jnp.zeros_like, v) if k in freeze else v for k, v in updates.items()}
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay(state.step.astype(jnp.float32))
         ema = jax.tree_util.tree_map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
@@ -187,7 +202,7 @@ class Stage:
     """What one run of the loop needs beyond the config."""
 
     name: str                       # '1rf', '2rf', 'distill', ...
-    objective: str                  # 'flow' | 'distill'
+    objective: str                  # 'flow' | 'distill' | 'diffusion'
     model: nn.Module
     shape: tuple[int, ...]
     num_classes: int
@@ -290,11 +305,16 @@ def run_definition(config, stage: Stage) -> dict[str, Any]:
         flow_run["cond_dropout"] = config.flow.cond_dropout
     if len(loss_schedule(config)) > 1:
         flow_run["loss_switch"] = config.flow.loss_switch.to_dict()
+    if stage.objective == "diffusion":
+        flow_run["diffusion"] = config.flow.diffusion.to_dict()
+    train_run = {"batch_size": config.train.batch_size}
+    if config.train.get("freeze"):
+        train_run["freeze"] = sorted(config.train.freeze)
     return checkpoint.jsonable({
         "seed": config.seed, "objective": stage.objective, "shape": list(stage.shape),
         "num_classes": stage.num_classes, "model": config.model.to_dict(), "data": config.data.to_dict(),
         "flow": flow_run,
-        "optim": config.optim.to_dict(), "train": {"batch_size": config.train.batch_size},
+        "optim": config.optim.to_dict(), "train": train_run,
         "identity": stage.identity,
     })
 
@@ -357,6 +377,8 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
                     num_classes=stage.num_classes, model=config.model.to_dict(), data=config.data.to_dict(),
                     num_steps=num_steps, run=run, run_hash=run_hash, config=config.to_dict())
         sampler = config.flow.time_sampler
+        freeze = _checked_freeze(config, state.params)
+        schedule = diffusion.training_schedule(config.flow.diffusion) if stage.objective == "diffusion" else None
         frozen_sharding = frozen_shardings(stage, mesh, rules)
         frozen = jax.device_put(stage.frozen_params, frozen_sharding)
         compile_step = lambda loss_name: jax.jit(
@@ -364,14 +386,15 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
                             time_sampler=flow.time_sampler(sampler, **config.flow[sampler]),
                             source_fn=stage.source_fn,
                             ema_decay=ema_decay_schedule(config.optim.ema_decay, config.optim.ema_warmup),
-                            cond_dropout=float(config.flow.get("cond_dropout", 0.0)), null_cond=stage.null_cond),
+                            cond_dropout=float(config.flow.get("cond_dropout", 0.0)), null_cond=stage.null_cond,
+                            schedule=schedule, freeze=freeze),
             in_shardings=(state_shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh),
                           frozen_sharding),
             out_shardings=(state_shardings, parallel.replicated(mesh)),
             donate_argnums=0)
-        schedule = loss_schedule(config)
-        step_fns = {name: compile_step(name) for _, name in schedule}
-        loss_at = lambda step: [name for first, name in schedule if step > first][-1]
+        losses = loss_schedule(config)
+        step_fns = {name: compile_step(name) for _, name in losses}
+        loss_at = lambda step: [name for first, name in losses if step > first][-1]
         with_frozen = lambda params: {**params, **{k: frozen[k] for k in models.frozen_keys(stage.model)}}
         writer = _summary_writer(stage_dir / "tensorboard")
         batches = stage.batches(local_batch, config.seed, start, shard=(jax.process_index(), jax.process_count()))
@@ -415,6 +438,15 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
     finally:
         ckpt.wait()
         ckpt.close()
+
+
+def _checked_freeze(config, params: Mapping[str, Any]) -> tuple[str, ...]:
+    freeze = tuple(config.train.get("freeze", ()))
+    unknown = sorted(set(freeze) - set(params))
+    if unknown:
+        raise configlib.ConfigError(f"train.freeze names {unknown}, which are not top-level params of this model "
+                                    f"(it has {sorted(params)})")
+    return freeze
 
 
 def _check_same_run(stage_dir: Path, run: dict, run_hash: str) -> None:

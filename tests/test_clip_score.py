@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from rectflow_jax import random_folder, weights
+from rectflow_jax import random_folder, tokenizer, weights
 from rectflow_jax.models import clip as clip_lib
 from rectflow_jax.models.clip import CLIPModel, CLIPPreprocessor, CLIPScorer, cosine_similarity
 from rectflow_jax.models.clip_text import CLIPTextModel, eos_positions
@@ -73,9 +73,9 @@ def layouts(tmp_path_factory):
     out = {}
     for seed, (name, spec) in enumerate(LAYOUTS.items()):
         folder = tmp_path_factory.mktemp(name)
-        vocab = random_folder.write_tokenizer(folder)
-        text = {**TINY_TOWERS, "vocab_size": len(vocab), "bos_token_id": vocab[random_folder.BOS],
-                "eos_token_id": vocab[random_folder.EOS], "pad_token_id": vocab[random_folder.EOS], **spec["text"]}
+        vocab = tokenizer.write_tokenizer(folder, *tokenizer.build_bpe(random_folder.CAPTION_WORDS))
+        text = {**TINY_TOWERS, "vocab_size": len(vocab), "bos_token_id": vocab[tokenizer.BOS],
+                "eos_token_id": vocab[tokenizer.EOS], "pad_token_id": vocab[tokenizer.EOS], **spec["text"]}
         config = transformers.CLIPConfig(text_config=text, vision_config={**TINY_TOWERS, **spec["vision"]},
                                          projection_dim=spec["projection_dim"])
         torch.manual_seed(seed)

@@ -20,6 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from rectflow_jax import random_folder, text_to_image, weights  # noqa: E402
+from rectflow_jax import tokenizer as clip_bpe  # noqa: E402
 from rectflow_jax.models.clip_text import CLIPTextModel  # noqa: E402
 from rectflow_jax.models.sd_unet import UNet2DConditionModel  # noqa: E402
 from rectflow_jax.models.vae import AutoencoderKL  # noqa: E402
@@ -130,7 +131,7 @@ def test_tokenizer_gives_whole_words(folders):
 
 def test_vocab_words_override(tmp_path):
     words = ["zebra", "zebras", "zero", "aardvark", "a", "Zeal"]
-    vocab = random_folder.write_tokenizer(tmp_path / "tok", words)
+    vocab = clip_bpe.write_tokenizer(tmp_path / "tok", *clip_bpe.build_bpe(words))
     tokenizer = transformers.CLIPTokenizer.from_pretrained(tmp_path / "tok")
     for word in ("zebra", "zebras", "zero", "aardvark", "a", "zeal"):
         assert tokenizer.convert_ids_to_tokens(tokenizer(word).input_ids) == ["<|startoftext|>", word + "</w>",
@@ -138,17 +139,17 @@ def test_vocab_words_override(tmp_path):
     assert "cat</w>" not in vocab and len(tokenizer("cat").input_ids) > 3  # in pieces
     for bad in (["two words"], ["x2"], [""]):
         with pytest.raises(ValueError, match="letters only"):
-            random_folder.write_tokenizer(tmp_path / "bad", bad)
+            clip_bpe.build_bpe(bad)
 
 
 def test_bpe_keeps_earlier_words_whole():
     """Words sharing prefixes and suffixes in awkward orders all come out whole."""
     words = ["at", "cat", "cats", "scat", "tacos", "taco", "a", "aaa", "aa", "aaaa"]
-    vocab, merges = random_folder.build_bpe(words)
+    vocab, merges = clip_bpe.build_bpe(words)
     ranks = {pair: i for i, pair in enumerate(merges)}
-    byte_map = random_folder.bytes_to_unicode()
+    byte_map = clip_bpe.bytes_to_unicode()
     for word in words:
-        assert random_folder._bpe(random_folder._word_symbols(word, byte_map), ranks) == [word + "</w>"]
+        assert clip_bpe._bpe(clip_bpe._word_symbols(word, byte_map), ranks) == [word + "</w>"]
     assert len(vocab) == 512 + len({a + b for a, b in merges}) + 2
 
 

@@ -16,7 +16,8 @@ from PIL import Image
 
 from rectflow_jax import evaluate, text_eval
 from rectflow_jax.data import coco
-from rectflow_jax.random_folder import write_random_folder, write_tokenizer
+from rectflow_jax.random_folder import CAPTION_WORDS, write_random_folder
+from rectflow_jax.tokenizer import build_bpe, write_tokenizer
 
 CAPTIONS = ["a red square", "a blue circle", "a green field", "a cat on a mat", "a dog in the snow",
             "a bowl of fruit", "a city at night"]
@@ -126,7 +127,7 @@ def write_clip_folder(folder):
     """A tiny random transformers CLIPModel folder (ViT-L/14's layout, 28-pixel crops) with our BPE tokenizer."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    vocab = write_tokenizer(folder)
+    vocab = write_tokenizer(folder, *build_bpe(CAPTION_WORDS))
     eos = vocab["<|endoftext|>"]
     text = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
                 vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos)

@@ -24,6 +24,11 @@ Datasets (config keys besides `name`, defaults in brackets):
                (S, S, 1) with `image_size` S [8] (bilinear upsampling from 8);
                `class_conditional` [False] gives labels 0..9; pi0 = N(0, I).
                Batches walk a fresh seeded permutation each epoch.
+  'digits_text' the same digits with prompts instead of labels: each batch example gets
+               'prompt', one of `templates` [digit_prompts.TRAIN_TEMPLATES] drawn for its
+               class; `held_out_templates` [digit_prompts.HELD_OUT_TEMPLATES] are never
+               trained on (evaluation only); `image_size` [8]. num_classes is 0: the
+               condition is the text.
   'cifar10'    tensorflow_datasets 'cifar10' through tf.data: `split` ['train'],
                `reference_split` ['test'], `data_dir` [None], `random_flip` [True],
                `class_conditional` [False], `shuffle_buffer` [50000]; pi0 = N(0, I).
@@ -46,7 +51,7 @@ import numpy as np
 from rectflow_jax.configlib import ConfigError
 
 Batch = dict[str, np.ndarray]
-_TRAIN_STREAM, _REFERENCE_STREAM = 0, 1  # keeps reference draws apart from training batches
+_TRAIN_STREAM, _REFERENCE_STREAM, _PROMPT_STREAM = 0, 1, 2  # keeps reference draws apart from training batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +190,12 @@ class ArrayDataset(Dataset):
             for epoch in np.unique(epochs):
                 order = np.random.default_rng((seed, _TRAIN_STREAM, int(epoch))).permutation(size)
                 indices[epochs == epoch] = order[offsets[epochs == epoch]]
-            yield self._take(indices, with_labels=bool(self.num_classes))
+            yield self._training_batch(indices, (seed, step * count + index))
             step += 1
+
+    def _training_batch(self, indices: np.ndarray, stream: tuple[int, int]) -> Batch:
+        """The batch of examples `indices`; `stream` (seed, batch number) seeds any per-batch draw."""
+        return self._take(indices, with_labels=bool(self.num_classes))
 
     def reference(self, n: int, seed: int = 0) -> Batch:
         if n > len(self.images):
@@ -227,6 +236,60 @@ def _digits(image_size: int = 8, class_conditional: bool = False) -> ArrayDatase
     images, labels = _digits_arrays(int(image_size))
     return ArrayDataset("digits", images.shape[1:], 10 if class_conditional else 0,
                         images=images, labels=labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDigits(ArrayDataset):
+    """The digits, each training example captioned by a template of its class (digit_prompts)."""
+
+    templates: tuple[str, ...] = ()
+    held_out_templates: tuple[str, ...] = ()
+
+    def _training_batch(self, indices: np.ndarray, stream: tuple[int, int]) -> Batch:
+        from rectflow_jax.data import digit_prompts
+
+        seed, batch_number = stream
+        choice = np.random.default_rng((seed, _PROMPT_STREAM, batch_number)).integers(len(self.templates),
+                                                                                       size=len(indices))
+        texts = [digit_prompts.prompt(self.templates[c], int(self.labels[i])) for c, i in zip(choice, indices)]
+        return {"x1": self.images[indices], "prompt": np.asarray(texts, dtype=str)}
+
+    def prompt_table(self, held_out: bool = False) -> list[tuple[str, int]]:
+        """(prompt, digit) of every training (or held-out) template at every class."""
+        from rectflow_jax.data import digit_prompts
+
+        return digit_prompts.prompt_table(self.held_out_templates if held_out else self.templates)
+
+    def prompt_source(self):
+        """The training prompts as a PromptSource: what triplets are made for."""
+        import hashlib
+        import json
+
+        from rectflow_jax.data import prompts
+
+        texts = tuple(text for text, _ in self.prompt_table())
+        digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
+        return prompts.PromptSource(spec=f"digits_text training prompts: {len(texts)} prompts sha256:{digest}",
+                                    origin="digits_text", all_prompts=texts)
+
+
+def _digits_text(image_size: int = 8, templates: tuple[str, ...] | None = None,
+                 held_out_templates: tuple[str, ...] | None = None) -> TextDigits:
+    from rectflow_jax.data import digit_prompts
+
+    if image_size < 8:
+        raise ConfigError(f"digits_text image_size must be >= 8, got {image_size}")
+    train = digit_prompts.check_templates(digit_prompts.TRAIN_TEMPLATES if templates is None else templates,
+                                          "data.templates")
+    held_out = digit_prompts.check_templates(
+        digit_prompts.HELD_OUT_TEMPLATES if held_out_templates is None else held_out_templates,
+        "data.held_out_templates")
+    if overlap := sorted(set(train) & set(held_out)):
+        raise ConfigError(f"data.held_out_templates must be kept out of training, but {overlap[0]!r} is in "
+                          "data.templates too")
+    images, labels = _digits_arrays(int(image_size))
+    return TextDigits("digits_text", images.shape[1:], 0, images=images, labels=labels, templates=train,
+                      held_out_templates=held_out)
 
 
 # ------------------------------------------------------------------------------- tfds
@@ -331,6 +394,12 @@ class PromptLatents(Dataset):
         raise ConfigError("prompt data has no reference images; evaluate text-to-image models with their own "
                           "metrics")
 
+    def prompt_source(self):
+        """The prompts named by the data config (data.prompts): what triplets are made for."""
+        from rectflow_jax.data import prompts
+
+        return prompts.load_prompts(self.prompt_options)
+
 
 def _prompts(latent_shape=(64, 64, 4), prompts: str | None = None, prompts_format: str = "auto",
              prompt_key: str = "prompt", captions_per_image: int = 1, data_dir: str | None = None) -> PromptLatents:
@@ -354,7 +423,7 @@ def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "2gmm": _two_gmm, "moons": _moons_dataset, "8gaussians": _eight_gaussians,
-    "digits": _digits, "cifar10": _cifar10, "prompts": _prompts,
+    "digits": _digits, "digits_text": _digits_text, "cifar10": _cifar10, "prompts": _prompts,
 }
 
 

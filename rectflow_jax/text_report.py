@@ -1,0 +1,210 @@
+"""The text-conditioned digits' report: does each stage draw its prompt's digit, in one step or many?
+
+For the teacher (DDIM at each of eval.steps, and DPM-Solver++ at teacher.num_steps, with
+teacher.guidance_scale), 2-RF (Euler, pairs.guidance_scale) and the distilled student
+(Euler, no guidance), on the training prompts and on the held-out paraphrases:
+  - agreement: the share of samples that the digits classifier (evaluate.FeatureClassifier,
+    fit on all real digits) reads as the prompt's digit;
+  - Frechet distance of the samples to the real digits in that classifier's features;
+  - diversity: per prompt, the mean pairwise distance of its samples over that of the real
+    digits of its class, averaged over prompts (1: as varied as real digits; 0: one image);
+  - straightness E int ||(X1 - X0) / T - v||^2 dt along each model's finest trajectory
+    (in rectified-flow coordinates for the diffusion teacher, whose grid spans T < 1).
+Every model starts from the same noise: prompt k of a set, image i uses
+x0 = noise_from_seeds(seed + k, i), as `rectflow sample` would.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from rectflow_jax import checkpoint, evaluate, flow, plots, sampling
+from rectflow_jax import text_to_image as t2i
+from rectflow_jax.data import datasets
+
+PROMPT_SETS = ("train", "held_out")
+GRID_SAMPLES = 8  # columns of each grid
+
+
+def _mean_pairwise_distance(images: np.ndarray) -> float:
+    flat = np.asarray(images, np.float64).reshape(len(images), -1)
+    if len(flat) < 2:
+        return float("nan")
+    squared = np.sum(flat ** 2, 1)
+    distances = np.sqrt(np.maximum(squared[:, None] + squared[None] - 2 * flat @ flat.T, 0.0))
+    return float(distances[np.triu_indices(len(flat), 1)].mean())
+
+
+def prompt_metrics(samples: np.ndarray, digits: np.ndarray, prompt_ids: np.ndarray, dataset) -> dict[str, float]:
+    """Agreement, Frechet distance and diversity of samples (N, H, W, 1) made for prompts of `digits`."""
+    classifier, real_features = evaluate.classifier_for(dataset)
+    samples = np.clip(np.asarray(samples, np.float32), -1.0, 1.0)
+    predicted = classifier.probabilities(samples).argmax(1)
+    real_spread = _real_class_spread(dataset)
+    ratios = [_mean_pairwise_distance(samples[prompt_ids == p]) / real_spread[int(digits[prompt_ids == p][0])]
+              for p in np.unique(prompt_ids)]
+    return {"agreement": float(np.mean(predicted == digits)),
+            "frechet_distance": evaluate.frechet_distance(classifier.features(samples), real_features),
+            "diversity": float(np.nanmean(ratios))}
+
+
+@functools.lru_cache(maxsize=4)
+def _real_class_spread(dataset) -> dict[int, float]:
+    return {int(c): _mean_pairwise_distance(dataset.images[dataset.labels == c]) for c in np.unique(dataset.labels)}
+
+
+def real_data_row(dataset, num_samples: int, seed: int) -> dict[str, float]:
+    """The metrics of real digits drawn as a prompt set would be (the floor of the Frechet distance)."""
+    real = dataset.reference(min(num_samples, len(dataset.images)), seed=seed)
+    groups = real["label"]  # one 'prompt' per class
+    return prompt_metrics(real["x1"], real["label"], groups, dataset)
+
+
+def _runs(config) -> dict[str, tuple[str, str, int, float]]:
+    """name -> (stage, method, steps, guidance scale) of every model run in the report."""
+    steps = sorted(int(s) for s in config.eval.steps)
+    teacher, reflow = config.teacher, config.pairs
+    runs = {f"teacher_ddim_{n}": ("teacher", "ddim", n, teacher.guidance_scale) for n in steps}
+    runs[f"teacher_{teacher.method}_{teacher.num_steps}"] = ("teacher", teacher.method, int(teacher.num_steps),
+                                                              teacher.guidance_scale)
+    runs.update({f"2rf_euler_{n}": ("2rf", "euler", n, reflow.guidance_scale) for n in steps})
+    runs.update({f"distill_euler_{n}": ("distill", "euler", n, 1.0) for n in steps})
+    return runs
+
+
+def _prompt_set(dataset, held_out: bool, num_samples: int, seed: int, latent_shape) -> dict[str, np.ndarray]:
+    table = dataset.prompt_table(held_out=held_out)
+    per_prompt = max(2, math.ceil(num_samples / len(table)))  # two at least: diversity needs pairs
+    prompt_ids = np.repeat(np.arange(len(table)), per_prompt)
+    image_ids = np.tile(np.arange(per_prompt), len(table))
+    return {"prompt": np.asarray([table[k][0] for k in prompt_ids]), "digit": np.asarray([table[k][1] for k in prompt_ids]),
+            "prompt_id": prompt_ids,
+            "x0": t2i.initial_noise((seed + prompt_ids).tolist(), image_ids.tolist(), latent_shape)}
+
+
+def _straightness(pipe: t2i.TextToImage, ids: np.ndarray, x0: np.ndarray, method: str, num_steps: int,
+                  scale: float) -> float:
+    guided = sampling.guidance_applies(scale)
+    negative = pipe.teacher.text.negative_ids("")
+    solve = jax.jit(lambda params, x0, ids: pipe.teacher.solution(
+        params, x0, ids, negative, np.float32(scale), method=method, num_steps=num_steps, guided=guided,
+        return_trajectory=True))
+    solution = solve({k: pipe.params[k] for k in ("unet", "text_encoder")}, x0, ids)
+    return float(flow.straightness(solution.trajectory, solution.times, solution.velocities))
+
+
+def write_digits_text_report(config, workdir: str | Path, *, straightness_samples: int = 200) -> dict[str, Any]:
+    """workdir/report: report.md (tables and claims), metrics.json, and a grid per stage and prompt set."""
+    work = Path(workdir)
+    out = work / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = datasets.get_dataset(config.data)
+    pipes = {name: t2i.TextToImage.from_stage(work / name) for name in ("teacher", "2rf", "distill")}
+    shape = pipes["teacher"].latent_shape()
+    runs = _runs(config)
+    sets = {name: _prompt_set(dataset, name == "held_out", int(config.eval.num_samples), int(config.seed), shape)
+            for name in PROMPT_SETS}
+    results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in PROMPT_SETS}
+    samples: dict[tuple[str, str], np.ndarray] = {}
+    for set_name, prompts in sets.items():
+        for run, (stage, method, steps, scale) in runs.items():
+            pipe = pipes[stage]
+            x1, _ = pipe.generate_ids(pipe.tokenize(prompts["prompt"]), prompts["x0"], num_steps=steps,
+                                      guidance_scale=scale, negative_ids=pipe.teacher.text.negative_ids(""),
+                                      method=method, decode=False)
+            samples[set_name, run] = np.clip(x1, -1.0, 1.0)
+            results[set_name][run] = prompt_metrics(x1, prompts["digit"], prompts["prompt_id"], dataset)
+    finest = {"teacher": f"teacher_ddim_{max(config.eval.steps)}", "2rf": f"2rf_euler_{max(config.eval.steps)}",
+              "distill": f"distill_euler_{max(config.eval.steps)}"}
+    train_set = sets["train"]
+    picks = np.linspace(0, len(train_set["x0"]) - 1, min(straightness_samples, len(train_set["x0"]))).astype(int)
+    straightness = {}
+    for stage, run in finest.items():
+        _, method, steps, scale = runs[run]
+        pipe = pipes[stage]
+        straightness[stage] = _straightness(pipe, pipe.tokenize(train_set["prompt"][picks]), train_set["x0"][picks],
+                                            method, steps, scale)
+    real = real_data_row(dataset, int(config.eval.num_samples), seed=1)
+    pictures = _grids(out, samples, sets, runs)
+    claims = _claims(config, results)
+    report = {"runs": {run: list(map(str, spec)) for run, spec in runs.items()}, "results": results,
+              "straightness": straightness, "real_data": real, "claims": claims,
+              "prompts": {name: sorted(set(sets[name]["prompt"].tolist())) for name in PROMPT_SETS},
+              "samples_per_set": {name: int(len(sets[name]["x0"])) for name in PROMPT_SETS}}
+    checkpoint.write_json(out / "metrics.json", report)
+    (out / "report.md").write_text(_markdown(config, report, pictures))
+    return report
+
+
+def _claims(config, results) -> dict[str, float]:
+    """The figures the recipe is judged by (the issue's must-shows), from this run's numbers."""
+    train, held_out = results["train"], results["held_out"]
+    teacher_fine = f"teacher_{config.teacher.method}_{config.teacher.num_steps}"
+    one = {"distill": "distill_euler_1", "2rf": "2rf_euler_1", "teacher": "teacher_ddim_1"}
+    ratio = lambda a, b: float(a / b) if b else float("inf")
+    return {
+        "distill_1step_agreement_train": train[one["distill"]]["agreement"],
+        "distill_1step_agreement_held_out": held_out[one["distill"]]["agreement"],
+        "distill_1step_fd_over_teacher_finest_fd": ratio(train[one["distill"]]["frechet_distance"],
+                                                         train[teacher_fine]["frechet_distance"]),
+        "distill_1step_diversity": train[one["distill"]]["diversity"],
+        "teacher_finest_agreement_train": train[teacher_fine]["agreement"],
+        "2rf_1step_agreement_train": train[one["2rf"]]["agreement"],
+        "teacher_1step_agreement_train": train[one["teacher"]]["agreement"],
+        "2rf_1step_fd": train[one["2rf"]]["frechet_distance"],
+        "teacher_1step_fd": train[one["teacher"]]["frechet_distance"],
+        "teacher_1step_fd_over_2rf_1step_fd": ratio(train[one["teacher"]]["frechet_distance"],
+                                                    train[one["2rf"]]["frechet_distance"]),
+    }
+
+
+def _grids(out: Path, samples, sets, runs) -> list[tuple[str, str]]:
+    """One grid per (run shown, prompt set): a row per prompt of the set's first template, GRID_SAMPLES columns."""
+    shown = [run for run in runs if run.endswith("_1")] + [run for run in runs if run.startswith("teacher_")
+                                                            and not run.startswith("teacher_ddim")]
+    pictures = []
+    for set_name, prompts in sets.items():
+        first = prompts["prompt_id"] < 10  # the first template, one prompt per digit
+        rows = []
+        for p in np.unique(prompts["prompt_id"][first]):
+            picked = np.flatnonzero(prompts["prompt_id"] == p)[:GRID_SAMPLES]
+            rows.append(picked)
+        for run in shown:
+            images = np.concatenate([samples[set_name, run][r] for r in rows])
+            file = f"{run}_{set_name}.png"
+            plots.save_png(plots.image_grid(images, ncols=min(GRID_SAMPLES, len(rows[0])), upscale=4), out / file)
+            pictures.append((f"{run.replace('_', ' ')}, {set_name.replace('_', '-')} prompts "
+                             f"(rows: {prompts['prompt'][rows[0][0]]!r} ... {prompts['prompt'][rows[-1][0]]!r})", file))
+    return pictures
+
+
+def _markdown(config, report, pictures) -> str:
+    lines = ["# rectflow report: text-conditioned digits", "",
+             f"{report['samples_per_set']['train']} samples over the training prompts and "
+             f"{report['samples_per_set']['held_out']} over the held-out paraphrases, the same noise for every "
+             "model (seed " f"{config.seed}). Agreement: the classifier reads the prompt's digit. FD: Fréchet "
+             "distance in the classifier's features. Diversity: within-prompt spread over the real digits' "
+             "within-class spread.", ""]
+    real = report["real_data"]
+    for set_name in PROMPT_SETS:
+        lines += [f"## {'Training prompts' if set_name == 'train' else 'Held-out paraphrases'}", "",
+                  "| model | solver | steps | guidance | agreement | FD | diversity |", "|---|---|---|---|---|---|---|",
+                  f"| real digits | – | – | – | {real['agreement']:.3f} | {real['frechet_distance']:.3g} | "
+                  f"{real['diversity']:.3f} |"]
+        for run, (stage, method, steps, scale) in report["runs"].items():
+            row = report["results"][set_name][run]
+            lines.append(f"| {stage} | {method} | {steps} | {scale} | {row['agreement']:.3f} | "
+                         f"{row['frechet_distance']:.3g} | {row['diversity']:.3f} |")
+        lines.append("")
+    lines += ["## Straightness (finest trajectory, training prompts)", "", "| model | straightness |", "|---|---|"]
+    lines += [f"| {stage} | {value:.4g} |" for stage, value in report["straightness"].items()]
+    lines += ["", "## Claims", "", "| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in report["claims"].items()]
+    lines += ["", "## Samples", ""] + [f"**{title}**\n\n![{title}]({file})\n" for title, file in pictures]
+    return "\n".join(lines) + "\n"
