@@ -37,8 +37,8 @@ _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bars.")
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "sample, eval: a diffusers pipeline folder (SD, 2-RF, "
                                   "InstaFlow).")
-_PROMPT = flags.DEFINE_multi_string("prompt", [], "sample --pretrained: a prompt (repeat for several).")
-_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "sample --pretrained: a file of prompts, one a line.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "sample (a folder or text stage): a prompt (repeat for several).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "sample (a folder or text stage): a file of prompts, one a line.")
 flags.DEFINE_alias("prompts-file", "prompts_file")
 _INTERPOLATE = flags.DEFINE_list("interpolate_seeds", None, "sample --pretrained: A,B: frames slerped between "
                                  "the two seeds' noise (config.sample.num_frames of them).")
@@ -95,7 +95,8 @@ COMMANDS = {
         "samples of a stage, or text-to-image from a diffusers folder",
         "With --checkpoint: --out/samples.npz (float32 x0 and x1) and a picture. With --pretrained FOLDER (a "
         "Stable Diffusion, 2-RF or InstaFlow diffusers folder; no --config needed), or --checkpoint of a "
-        "text-to-image stage, and prompts: one PNG per image, latents.npz (x0, x1) and prompts.json. SD folders "
+        "text-to-image stage, and prompts: one PNG per image, latents.npz (x0, x1), samples.npz (x1: the images "
+        "in [-1, 1], prompt) and prompts.json, sample.samples_per_prompt images per prompt. SD folders "
         "are solved with ddim or dpm_solver++ from their scheduler config; --latents starts from given noise.",
         ("config", "checkpoint", "out", "pretrained", "prompt", "prompts_file", "latents", "interpolate_seeds",
          "allow_pickle", "quiet"),
@@ -132,10 +133,13 @@ COMMANDS = {
     "pipeline": Command(
         "the whole recipe: 1-RF -> pairs -> 2-RF -> pairs -> distill, then a report",
         "Stages go to W/1rf, W/2rf and W/distill, pairs to W/pairs_1rf and W/pairs_2rf, the report to "
-        "W/report/report.md. Rerunning resumes; finished stages are skipped.",
+        "W/report/report.md. Text-to-image configs run InstaFlow's recipe: from a pretrained teacher folder, or "
+        "(configs/digits_text.py) a diffusion teacher trained first in W/teacher. Rerunning resumes; finished "
+        "stages are skipped.",
         ("config", "workdir", "quiet"),
         "every section; stages.reflow.* and stages.distill.* override the later stages",
         (f"rectflow pipeline --config {_DIGITS} --workdir runs/digits",
+         "rectflow pipeline --config configs/digits_text.py --workdir runs/digits_text",
          "rectflow pipeline --config configs/tiny_text_to_image.py --workdir runs/tiny "
          "--config.teacher.pretrained=runs/tiny_sd --config.data.prompts=prompts.txt")),
 }

@@ -20,7 +20,7 @@ import numpy as np
 from rectflow_jax import (batch_runner, checkpoint, configlib, evaluate, flow, models, perceptual, plots, sampling,
                           sd_folder, teachers, train)
 from rectflow_jax.configlib import ConfigError
-from rectflow_jax.data import datasets, pairs as pair_io, prompts
+from rectflow_jax.data import datasets, pairs as pair_io
 from rectflow_jax.models import sd_velocity
 from rectflow_jax.text_conditioner import TextConditioner
 
@@ -160,6 +160,9 @@ def train_stage(config, stage_dir: str | Path, kind: str, *, name: str | None = 
     if kind == "distill":
         objective = "distill"
     elif kind == "rf" and stage_config.flow.get("objective", "rectified_flow") == "diffusion":
+        if not isinstance(model, models.SDVelocity):  # only SD-shaped teachers are solved as diffusion ODEs
+            raise ConfigError("flow.objective 'diffusion' trains a text-to-image teacher: it needs "
+                              f"model.name 'sd_unet', not {stage_config.model.name!r}")
         objective = "diffusion"
     else:
         objective = "flow"
@@ -399,8 +402,8 @@ def evaluate_stage(config, checkpoint_dir: str | Path) -> dict[str, Any]:
 def run_pipeline(config, workdir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """1-RF -> pairs -> 2-RF -> pairs -> distill, then the report. Reruns resume.
 
-    Text-to-image configs (data.name 'prompts') run InstaFlow's recipe instead
-    (`run_text_pipeline`).
+    Text-to-image configs (prompt data: 'prompts', 'digits_text') run InstaFlow's recipe
+    instead (`run_text_pipeline`).
     """
     if hasattr(datasets.get_dataset(config.data), "prompt_source"):
         return run_text_pipeline(config, workdir, progress=progress)
@@ -514,9 +517,6 @@ def _report_markdown(config, results, metric, claims, pictures, real: dict[str, 
 # ----------------------------------------------------------------------------- text to image
 
 
-TEXT_STAGES = ("pairs_teacher", "2rf", "pairs_2rf", "distill")
-
-
 def run_text_pipeline(config, workdir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """InstaFlow, from the folder in config.teacher.pretrained or a teacher trained here; then the report.
 
@@ -556,91 +556,16 @@ def run_text_pipeline(config, workdir: str | Path, *, progress: bool = True) -> 
     for name, run in plan:
         log.info("stage %s", name)
         run()
-    if trains_teacher:
-        from rectflow_jax import text_report  # transformers and the classifier: only for the report
+    from rectflow_jax import text_report  # its imports (transformers, the classifier) are only needed here
 
+    if trains_teacher:
         return text_report.write_digits_text_report(config, work)
-    return write_text_report(config, work)
+    return text_report.write_text_report(config, work, reflow=_needs_reflow(config, teacher))
 
 
 def _needs_reflow(config, folder: str | Path) -> bool:
+    """Whether a pretrained folder is a diffusion model (reflow it first) rather than a velocity one."""
     index = sd_folder.read_model_index(folder)
     kind = sd_folder.parametrisation(folder, index, sd_folder.read_scheduler_config(folder),
                                      config.sample.prediction_type)
     return kind != "velocity"
-
-
-def write_text_report(config, workdir: str | Path) -> dict[str, Any]:
-    """workdir/report: how straight each model's ODE is, from the same noise and prompts.
-
-    gap = E||x1(1 step) - x1(N steps)||^2 per latent element, each model against its own
-    N-step solution (the distilled student against 2-RF's); reflow should shrink it well
-    below the teacher's. A grid shows the decoded latents, one row per (model, steps).
-    """
-    from rectflow_jax import text_to_image as t2i  # its imports (transformers) are only needed here
-
-    work = Path(workdir)
-    out = work / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    prompt_source = prompts.load_prompts(datasets.get_dataset(config.data).prompt_options)
-    n = int(config.eval.num_samples)
-    texts = prompt_source.prompts(range(n))
-    teacher_cfg, pairs_cfg = config.teacher, config.pairs
-    reflow = _needs_reflow(config, config.teacher.pretrained)
-    models_ = {"teacher": t2i.TextToImage.from_pretrained(config.teacher.pretrained,
-                                                         prediction_type=config.sample.prediction_type,
-                                                         clip_skip=teacher_cfg.get("clip_skip", 0)),
-               "distill": t2i.TextToImage.from_stage(work / "distill")}
-    if reflow:
-        models_["2rf"] = t2i.TextToImage.from_stage(work / "2rf")
-    x0 = t2i.initial_noise([config.seed] * n, list(range(n)), models_["teacher"].latent_shape())
-    ids = models_["teacher"].tokenize(texts)
-    teacher_fine = f"teacher_{teacher_cfg.num_steps}"
-    rf_fine = f"2rf_{pairs_cfg.num_steps}" if reflow else teacher_fine  # what the student was distilled from
-    runs = {  # name: (model, method, steps, guidance)
-        "teacher_1": ("teacher", teacher_cfg.method, 1, teacher_cfg.guidance_scale),
-        teacher_fine: ("teacher", teacher_cfg.method, teacher_cfg.num_steps, teacher_cfg.guidance_scale)}
-    if reflow:
-        runs["2rf_1"] = ("2rf", "euler", 1, pairs_cfg.guidance_scale)
-        runs[rf_fine] = ("2rf", pairs_cfg.method, pairs_cfg.num_steps, pairs_cfg.guidance_scale)
-    runs["distill_1"] = ("distill", "euler", 1, 1.0)
-    latents, images = {}, {}
-    for run, (name, method, steps, scale) in runs.items():
-        pipe = models_[name]
-        negative = pipe.teacher.text.negative_ids(teacher_cfg.negative_prompt if name == "teacher"
-                                                  else pairs_cfg.negative_prompt)
-        latents[run], images[run] = pipe.generate_ids(ids, x0, num_steps=steps, guidance_scale=scale,
-                                                      negative_ids=negative, method=method)
-    gap = lambda a, b: float(np.mean(np.square(latents[a] - latents[b])))
-    gaps = {"teacher": gap("teacher_1", teacher_fine), "distill": gap("distill_1", rf_fine)}
-    claims = {"teacher_1step_to_teacher_finest": gaps["teacher"],
-              "distill_1step_to_teacher_finest": gap("distill_1", teacher_fine)}
-    if reflow:
-        gaps["2rf"] = gap("2rf_1", rf_fine)
-        claims["teacher_gap_over_2rf_gap"] = gaps["teacher"] / gaps["2rf"] if gaps["2rf"] else float("inf")
-        claims["2rf_1step_to_teacher_finest"] = gap("2rf_1", teacher_fine)
-    rows = min(8, n)
-    shown = np.concatenate([images[run][:rows] for run in runs]).astype(np.float32) / 127.5 - 1.0
-    plots.save_png(plots.image_grid(shown, ncols=rows, upscale=max(1, 64 // shown.shape[1])), out / "grid.png")
-    report = {"gaps": gaps, "claims": claims, "runs": {run: list(map(str, spec)) for run, spec in runs.items()},
-              "prompts": texts[:rows], "num_samples": n}
-    checkpoint.write_json(out / "metrics.json", report)
-    lines = ["# rectflow report: text to image", "",
-             f"{n} prompts of data.prompts, the same noise (seed {config.seed}) for every model. The gap is "
-             "E‖x1(1 step) − x1(N steps)‖² per latent element, each model against its own N-step output "
-             "(the distilled student against 2-RF's).", "",
-             "| model | gap | 1 step vs teacher N steps |", "|---|---|---|",
-             f"| teacher ({teacher_cfg.method}, guidance {teacher_cfg.guidance_scale}) | {gaps['teacher']:.4g} | "
-             f"{gaps['teacher']:.4g} |"]
-    if reflow:
-        lines.append(f"| 2-RF (guidance {pairs_cfg.guidance_scale}) | {gaps['2rf']:.4g} | "
-                     f"{claims['2rf_1step_to_teacher_finest']:.4g} |")
-    lines += [f"| distilled | {gaps['distill']:.4g} | {claims['distill_1step_to_teacher_finest']:.4g} |", ""]
-    if reflow:
-        lines += [f"Teacher gap / 2-RF gap: **{claims['teacher_gap_over_2rf_gap']:.3g}** (above 1: reflow "
-                  "straightened the flow).", ""]
-    lines += ["## Samples", "", "Rows, top to bottom: " + ", ".join(f"{run.replace('_', ' at ')} step(s)" for run in runs)
-             + f"; columns: the first {rows} prompts.", "", "![samples](grid.png)", "",
-             "Prompts: " + "; ".join(f"{k}. {t}" for k, t in enumerate(texts[:rows]))]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    return report

@@ -248,8 +248,8 @@ def load_sd_teacher(path: str | Path, *, dtype: str = "float32", prediction_type
         provenance = {"run_hash": str(meta.get("run_hash", "")), "step": int(step)}
         trained_skip = model.clip_skip
         # A diffusion stage (flow.objective 'diffusion') is sampled on the schedule it was trained on.
-        scheduler = meta.get("run", {}).get("flow", {}).get("diffusion")
-        parametrisation = stage_parametrisation(path)
+        scheduler = _trained_schedule(meta)
+        parametrisation = scheduler["prediction_type"] if scheduler else "velocity"
         if model.text_encoder_from_folder:
             pretrained = str(meta["model"]["pretrained"])
             scheduler = scheduler or sd_folder.read_scheduler_config(pretrained)
@@ -268,10 +268,14 @@ def load_sd_teacher(path: str | Path, *, dtype: str = "float32", prediction_type
     return SDTeacher(unet, text, params, parametrisation, scheduler, pretrained, str(path), provenance)
 
 
+def _trained_schedule(meta: dict) -> dict | None:
+    """The scheduler config a stage of flow.objective 'diffusion' trained on; None for a velocity stage."""
+    return meta.get("run", {}).get("flow", {}).get("diffusion")
+
+
 def stage_parametrisation(stage_dir: str | Path) -> str:
     """'velocity', or the prediction type of a stage trained on flow.objective 'diffusion'."""
-    meta, _ = checkpoint.read_meta(stage_dir)
-    scheduler = meta.get("run", {}).get("flow", {}).get("diffusion")
+    scheduler = _trained_schedule(checkpoint.read_meta(stage_dir)[0])
     return scheduler["prediction_type"] if scheduler else "velocity"
 
 

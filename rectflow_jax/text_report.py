@@ -1,6 +1,10 @@
-"""The text-conditioned digits' report: does each stage draw its prompt's digit, in one step or many?
+"""The reports of the text-to-image pipeline.
 
-For the teacher (DDIM at each of eval.steps, and DPM-Solver++ at teacher.num_steps, with
+`write_text_report` (from a pretrained folder): how straight each model's ODE is, each
+model's one step against its N steps, in latents.
+
+`write_digits_text_report` (the text-conditioned digits): does each stage draw its prompt's
+digit, in one step or many? For the teacher (DDIM at each of eval.steps, and DPM-Solver++ at teacher.num_steps, with
 teacher.guidance_scale), 2-RF (Euler, pairs.guidance_scale) and the distilled student
 (Euler, no guidance), on the training prompts and on the held-out paraphrases:
   - agreement: the share of samples that the digits classifier (evaluate.FeatureClassifier,
@@ -117,7 +121,7 @@ def write_digits_text_report(config, workdir: str | Path, *, straightness_sample
             pipe = pipes[stage]
             x1, _ = pipe.generate_ids(pipe.tokenize(prompts["prompt"]), prompts["x0"], num_steps=steps,
                                       guidance_scale=scale, negative_ids=pipe.teacher.text.negative_ids(""),
-                                      method=method, decode=False)
+                                      method=method, decode=False, batch_size=int(config.sample.batch_size))
             samples[set_name, run] = np.clip(x1, -1.0, 1.0)
             results[set_name][run] = prompt_metrics(x1, prompts["digit"], prompts["prompt_id"], dataset)
     finest = {"teacher": f"teacher_ddim_{max(config.eval.steps)}", "2rf": f"2rf_euler_{max(config.eval.steps)}",
@@ -208,3 +212,79 @@ def _markdown(config, report, pictures) -> str:
     lines += [f"| {k} | {v:.4g} |" for k, v in report["claims"].items()]
     lines += ["", "## Samples", ""] + [f"**{title}**\n\n![{title}]({file})\n" for title, file in pictures]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- from a pretrained folder
+
+
+def write_text_report(config, workdir: str | Path, *, reflow: bool) -> dict[str, Any]:
+    """workdir/report: how straight each model's ODE is, from the same noise and prompts.
+
+    gap = E||x1(1 step) - x1(N steps)||^2 per latent element, each model against its own
+    N-step solution (the distilled student against 2-RF's); reflow should shrink it well
+    below the teacher's. A grid shows the decoded latents, one row per (model, steps).
+    """
+    work = Path(workdir)
+    out = work / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    prompt_source = datasets.get_dataset(config.data).prompt_source()
+    n = int(config.eval.num_samples)
+    texts = prompt_source.prompts(range(n))
+    teacher_cfg, pairs_cfg = config.teacher, config.pairs
+    models_ = {"teacher": t2i.TextToImage.from_pretrained(config.teacher.pretrained,
+                                                         prediction_type=config.sample.prediction_type,
+                                                         clip_skip=teacher_cfg.get("clip_skip", 0)),
+               "distill": t2i.TextToImage.from_stage(work / "distill")}
+    if reflow:
+        models_["2rf"] = t2i.TextToImage.from_stage(work / "2rf")
+    x0 = t2i.initial_noise([config.seed] * n, list(range(n)), models_["teacher"].latent_shape())
+    ids = models_["teacher"].tokenize(texts)
+    teacher_fine = f"teacher_{teacher_cfg.num_steps}"
+    rf_fine = f"2rf_{pairs_cfg.num_steps}" if reflow else teacher_fine  # what the student was distilled from
+    runs = {  # name: (model, method, steps, guidance)
+        "teacher_1": ("teacher", teacher_cfg.method, 1, teacher_cfg.guidance_scale),
+        teacher_fine: ("teacher", teacher_cfg.method, teacher_cfg.num_steps, teacher_cfg.guidance_scale)}
+    if reflow:
+        runs["2rf_1"] = ("2rf", "euler", 1, pairs_cfg.guidance_scale)
+        runs[rf_fine] = ("2rf", pairs_cfg.method, pairs_cfg.num_steps, pairs_cfg.guidance_scale)
+    runs["distill_1"] = ("distill", "euler", 1, 1.0)
+    latents, images = {}, {}
+    for run, (name, method, steps, scale) in runs.items():
+        pipe = models_[name]
+        negative = pipe.teacher.text.negative_ids(teacher_cfg.negative_prompt if name == "teacher"
+                                                  else pairs_cfg.negative_prompt)
+        latents[run], images[run] = pipe.generate_ids(ids, x0, num_steps=steps, guidance_scale=scale,
+                                                      negative_ids=negative, method=method)
+    gap = lambda a, b: float(np.mean(np.square(latents[a] - latents[b])))
+    gaps = {"teacher": gap("teacher_1", teacher_fine), "distill": gap("distill_1", rf_fine)}
+    claims = {"teacher_1step_to_teacher_finest": gaps["teacher"],
+              "distill_1step_to_teacher_finest": gap("distill_1", teacher_fine)}
+    if reflow:
+        gaps["2rf"] = gap("2rf_1", rf_fine)
+        claims["teacher_gap_over_2rf_gap"] = gaps["teacher"] / gaps["2rf"] if gaps["2rf"] else float("inf")
+        claims["2rf_1step_to_teacher_finest"] = gap("2rf_1", teacher_fine)
+    rows = min(8, n)
+    shown = np.concatenate([images[run][:rows] for run in runs]).astype(np.float32) / 127.5 - 1.0
+    plots.save_png(plots.image_grid(shown, ncols=rows, upscale=max(1, 64 // shown.shape[1])), out / "grid.png")
+    report = {"gaps": gaps, "claims": claims, "runs": {run: list(map(str, spec)) for run, spec in runs.items()},
+              "prompts": texts[:rows], "num_samples": n}
+    checkpoint.write_json(out / "metrics.json", report)
+    lines = ["# rectflow report: text to image", "",
+             f"{n} prompts of data.prompts, the same noise (seed {config.seed}) for every model. The gap is "
+             "E‖x1(1 step) − x1(N steps)‖² per latent element, each model against its own N-step output "
+             "(the distilled student against 2-RF's).", "",
+             "| model | gap | 1 step vs teacher N steps |", "|---|---|---|",
+             f"| teacher ({teacher_cfg.method}, guidance {teacher_cfg.guidance_scale}) | {gaps['teacher']:.4g} | "
+             f"{gaps['teacher']:.4g} |"]
+    if reflow:
+        lines.append(f"| 2-RF (guidance {pairs_cfg.guidance_scale}) | {gaps['2rf']:.4g} | "
+                     f"{claims['2rf_1step_to_teacher_finest']:.4g} |")
+    lines += [f"| distilled | {gaps['distill']:.4g} | {claims['distill_1step_to_teacher_finest']:.4g} |", ""]
+    if reflow:
+        lines += [f"Teacher gap / 2-RF gap: **{claims['teacher_gap_over_2rf_gap']:.3g}** (above 1: reflow "
+                  "straightened the flow).", ""]
+    lines += ["## Samples", "", "Rows, top to bottom: " + ", ".join(f"{run.replace('_', ' at ')} step(s)" for run in runs)
+             + f"; columns: the first {rows} prompts.", "", "![samples](grid.png)", "",
+             "Prompts: " + "; ".join(f"{k}. {t}" for k, t in enumerate(texts[:rows]))]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return report

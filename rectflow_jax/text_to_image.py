@@ -229,8 +229,10 @@ class TextToImage:
 
     def generate_ids(self, ids: np.ndarray, x0: np.ndarray, *, num_steps: int, guidance_scale: float = 1.0,
                      negative_ids: np.ndarray | None = None, method: str = "euler",
-                     decode: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+                     decode: bool = True, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """`generate` from token ids (N, L) and, when guided, the negative prompt's ids (1, L).
+
+        `batch_size`: run in chunks of this many (one compilation for any N); default all N at once.
 
         `method`: euler or heun for velocity UNets (euler, as InstaFlow's pipeline); ddim or
         dpm_solver++ (and euler / heun on DPM-Solver's grid) for diffusion UNets.
@@ -243,7 +245,7 @@ class TextToImage:
         if guided and negative_ids is None:
             raise ValueError("guidance_scale > 1 needs the negative prompt's ids")
         negative_ids = np.asarray(ids[:1] if negative_ids is None else negative_ids, np.int32)  # unused unguided
-        runner = self.runner(len(x0), num_steps=num_steps, method=method, guided=guided)
+        runner = self.runner(batch_size or len(x0), num_steps=num_steps, method=method, guided=guided)
         latents = runner((self.params, negative_ids, np.float32(guidance_scale)), x0, ids)
         return latents, (self.decode(latents) if decode else None)
 
