@@ -188,8 +188,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, objec
         updates = {k: jax.tree_util.tree_map(jnp.zeros_like, v) if k in freeze else v for k, v in updates.items()}
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay(state.step.astype(jnp.float32))
-        ema = jax.tree_util.tree_map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
-                                     state.ema_params, params)
+        ema = {k: v if k in freeze else jax.tree_util.tree_map(  # frozen: exact, not averaged to rounding
+                   lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), v, params[k])
+               for k, v in state.ema_params.items()}
         new_state = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
         finite = jnp.isfinite(loss_value) & _all_finite((params, ema, opt_state))
         return new_state, {"loss": loss_value, "grad_norm": optax.tree.norm(grads), "finite": finite}

