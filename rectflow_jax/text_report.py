@@ -184,7 +184,7 @@ def _grids(out: Path, samples, sets, runs) -> list[tuple[str, str]]:
             file = f"{run}_{set_name}.png"
             plots.save_png(plots.image_grid(images, ncols=min(GRID_SAMPLES, len(rows[0])), upscale=4), out / file)
             pictures.append((f"{run.replace('_', ' ')}, {set_name.replace('_', '-')} prompts "
-                             f"(rows: {prompts['prompt'][rows[0][0]]!r} ... {prompts['prompt'][rows[-1][0]]!r})", file))
+                             f"(rows: {str(prompts['prompt'][rows[0][0]])!r} ... {str(prompts['prompt'][rows[-1][0]])!r})", file))
     return pictures
 
 
