@@ -41,7 +41,9 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import hashlib
 import inspect
+import json
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
@@ -49,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rectflow_jax.configlib import ConfigError
+from rectflow_jax.data import digit_prompts
 
 Batch = dict[str, np.ndarray]
 _TRAIN_STREAM, _REFERENCE_STREAM, _PROMPT_STREAM = 0, 1, 2  # keeps reference draws apart from training batches
@@ -246,8 +249,6 @@ class TextDigits(ArrayDataset):
     held_out_templates: tuple[str, ...] = ()
 
     def _training_batch(self, indices: np.ndarray, stream: tuple[int, int]) -> Batch:
-        from rectflow_jax.data import digit_prompts
-
         seed, batch_number = stream
         choice = np.random.default_rng((seed, _PROMPT_STREAM, batch_number)).integers(len(self.templates),
                                                                                        size=len(indices))
@@ -256,16 +257,11 @@ class TextDigits(ArrayDataset):
 
     def prompt_table(self, held_out: bool = False) -> list[tuple[str, int]]:
         """(prompt, digit) of every training (or held-out) template at every class."""
-        from rectflow_jax.data import digit_prompts
-
         return digit_prompts.prompt_table(self.held_out_templates if held_out else self.templates)
 
     def prompt_source(self):
         """The training prompts as a PromptSource: what triplets are made for."""
-        import hashlib
-        import json
-
-        from rectflow_jax.data import prompts
+        from rectflow_jax.data import prompts  # tensorflow_datasets: imported only when prompts are read
 
         texts = tuple(text for text, _ in self.prompt_table())
         digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
@@ -275,8 +271,6 @@ class TextDigits(ArrayDataset):
 
 def _digits_text(image_size: int = 8, templates: tuple[str, ...] | None = None,
                  held_out_templates: tuple[str, ...] | None = None) -> TextDigits:
-    from rectflow_jax.data import digit_prompts
-
     if image_size < 8:
         raise ConfigError(f"digits_text image_size must be >= 8, got {image_size}")
     train = digit_prompts.check_templates(digit_prompts.TRAIN_TEMPLATES if templates is None else templates,
