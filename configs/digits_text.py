@@ -18,7 +18,7 @@ upsamples them bilinearly; the UNet takes any multiple of 2).
         --prompts-file prompts.txt --out runs/digits_text/teacher_samples \
         --config.sample.method=dpm_solver++ --config.sample.num_steps=25 --config.sample.guidance_scale=2.0
 
-Cost: about 25 minutes on 2 CPU cores. Expected, in runs/digits_text/report/report.md: the
+Cost: about 26 minutes on 2 CPU cores. Expected, in runs/digits_text/report/report.md: the
 one-step student agrees with its prompt's digit on >= 90% of training prompts and >= 85%
 of held-out paraphrases, its Frechet distance is within 2x of the 25-step DPM-Solver++
 teacher's, and 2-RF's one step beats the teacher's one DDIM step by far.
