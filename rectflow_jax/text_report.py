@@ -30,7 +30,7 @@ import numpy as np
 
 from rectflow_jax import checkpoint, evaluate, flow, plots, sampling
 from rectflow_jax import text_to_image as t2i
-from rectflow_jax.data import datasets
+from rectflow_jax.data import datasets, digit_prompts
 
 PROMPT_SETS = ("train", "held_out")
 GRID_SAMPLES = 8  # columns of each grid
@@ -169,16 +169,15 @@ def _claims(config, results) -> dict[str, float]:
 
 
 def _grids(out: Path, samples, sets, runs) -> list[tuple[str, str]]:
-    """One grid per (run shown, prompt set): a row per prompt of the set's first template, GRID_SAMPLES columns."""
-    shown = [run for run in runs if run.endswith("_1")] + [run for run in runs if run.startswith("teacher_")
-                                                            and not run.startswith("teacher_ddim")]
+    """One grid per (run shown, prompt set): a row per prompt of the set's first template, GRID_SAMPLES columns.
+
+    Shown: every model's one step, and the teacher's own solver at its step count."""
+    shown = [run for run in runs if run.endswith("_1")] + [
+        run for run, (stage, method, _, _) in runs.items() if stage == "teacher" and method != "ddim"]
     pictures = []
     for set_name, prompts in sets.items():
-        first = prompts["prompt_id"] < 10  # the first template, one prompt per digit
-        rows = []
-        for p in np.unique(prompts["prompt_id"][first]):
-            picked = np.flatnonzero(prompts["prompt_id"] == p)[:GRID_SAMPLES]
-            rows.append(picked)
+        # prompt_table is template-major: the first template's prompts are ids 0..9, one per digit.
+        rows = [np.flatnonzero(prompts["prompt_id"] == p)[:GRID_SAMPLES] for p in range(len(digit_prompts.WORDS))]
         for run in shown:
             images = np.concatenate([samples[set_name, run][r] for r in rows])
             file = f"{run}_{set_name}.png"
