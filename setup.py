@@ -7,10 +7,14 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["rectflow_jax", "rectflow_jax.*"]),
     install_requires=[
+        # Floors for the APIs we call: jax.make_array_from_process_local_data, NamedSharding,
+        # mesh_utils, jax.distributed, compiled memory/cost analysis; flax's logical
+        # partitioning; optax.tree.norm (0.2.5); PyTreeRestore(partial_restore=) (0.11.14).
+        # Tested with jax 0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8.
         "jax>=0.7",
         "flax>=0.10",
-        "optax",
-        "orbax-checkpoint",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11.14",
         "ml_collections",
         "absl-py",
         "tensorflow-cpu",
@@ -29,6 +33,9 @@ setup(
     extras_require={
         # torch==2.13.0 is the CPU wheel on these machines; an unpinned torch pulls CUDA.
         "test": ["pytest", "pytest-timeout", "torch==2.13.0", "diffusers", "transformers"],
+        # Accelerator builds of jax: pip install -e ".[cuda12]" on GPU hosts, ".[tpu]" on TPU VMs.
+        "cuda12": ["jax[cuda12]>=0.7"],
+        "tpu": ["jax[tpu]>=0.7"],
     },
     entry_points={"console_scripts": ["rectflow=rectflow_jax.cli:main"]},
 )
