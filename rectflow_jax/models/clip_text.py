@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rectflow_jax import weights
-from rectflow_jax.models.layers import Dtype, dense, embed, layer_norm, multi_head_attention
+from rectflow_jax.models.layers import (
+    FF_LAYOUT, HEADS_LAYOUT, Dtype, constrain, dense, embed, layer_norm, multi_head_attention)
 
 WEIGHTS_NAME = "model.safetensors"
 PREFIX = "text_model."
@@ -45,10 +46,11 @@ class CLIPAttention(nn.Module):
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         width = x.shape[-1]
-        q, k, v = (dense(width, axes=("embed", "heads"), name=n, **kw)(x) for n in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = (constrain(dense(width, axes=("embed", "heads"), name=n, **kw)(x), HEADS_LAYOUT)
+                   for n in ("q_proj", "k_proj", "v_proj"))
         # Causal even over padding: SD feeds no attention mask, so pads see the prompt.
         y = multi_head_attention(q, k, v, self.num_heads, is_causal=self.causal)
-        return dense(width, axes=("heads", "embed"), name="out_proj", **kw)(y)
+        return dense(width, axes=("heads", "embed"), name="out_proj", **kw)(constrain(y, HEADS_LAYOUT))
 
 
 class CLIPMLP(nn.Module):
@@ -60,8 +62,8 @@ class CLIPMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = ACTIVATIONS[self.hidden_act](dense(self.intermediate_size, name="fc1", **kw)(x))
-        return dense(x.shape[-1], axes=("mlp", "embed"), name="fc2", **kw)(h)
+        h = ACTIVATIONS[self.hidden_act](dense(self.intermediate_size, axes=("embed", "ff"), name="fc1", **kw)(x))
+        return dense(x.shape[-1], axes=("ff", "embed"), name="fc2", **kw)(constrain(h, FF_LAYOUT))
 
 
 class CLIPEncoderLayer(nn.Module):

@@ -4,9 +4,12 @@ Logical axes (mapped to mesh axes by rectflow_jax.parallel rules):
   'embed'  input features of a Dense / input channels of a conv
   'mlp'    output features / output channels
   'heads'  outputs of attention q/k/v projections (and inputs of the output projection)
+  'ff'     the hidden width of a transformer feed-forward
   'vocab'  rows of an embedding table
   'norm'   scale and bias of normalisation layers
 Conv kernels are (H, W, in, out) -> (None, None, 'embed', 'mlp').
+Activations between tensor-parallel projections are pinned by `constrain` with
+'act_batch', 'act_heads' and 'act_ff' (no-ops unless parallel.activation_sharding is on).
 """
 
 from __future__ import annotations
@@ -30,6 +33,37 @@ def dense(features: int, *, axes: tuple[str, str] = ("embed", "mlp"), use_bias: 
         features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
         kernel_init=nn.with_logical_partitioning(kernel_init, axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
+
+
+# Rematerialisation policies (model.remat): what a block keeps from its forward pass for
+# the backward one. 'full' keeps only its inputs; 'dots_saveable' also the matmul and conv
+# outputs, so only the cheap elementwise work (norms, activations) is recomputed.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def remat_policy_name(remat: bool | str) -> str:
+    """A model.remat value (a policy name; True and False for 'full' and 'none') as a policy name."""
+    name = {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, bool) else str(remat)
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={remat!r} is not one of {sorted(REMAT_POLICIES)} (or true / false)")
+    return name
+
+
+def rematerialised(cls: type, remat: bool | str) -> type:
+    """`cls` recomputed in the backward pass by policy `remat` (no wrapper for 'none')."""
+    name = remat_policy_name(remat)
+    return cls if name == "none" else nn.remat(cls, policy=REMAT_POLICIES[name])
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    """Pins an activation's layout by logical axis names; a no-op outside parallel.activation_sharding."""
+    return nn.with_logical_constraint(x, logical_axes)
+
+
+# (batch, tokens, features) activations split by heads / feed-forward width under 'tensor'.
+HEADS_LAYOUT = ("act_batch", None, "act_heads")
+FF_LAYOUT = ("act_batch", None, "act_ff")
 
 
 def conv(features: int, kernel_size: int = 3, *, strides: int = 1, padding: Any = None,
@@ -227,9 +261,10 @@ def attention(x: jax.Array, context: jax.Array | None = None, *, heads: int = 1,
     inner = inner or x.shape[-1]
     context = x if context is None else context
     kw = {"dtype": dtype, "param_dtype": param_dtype}
-    qkv = lambda name, a: dense(inner, axes=("embed", "heads"), use_bias=qkv_bias, name=name, **kw)(a)
+    qkv = lambda name, a: constrain(dense(inner, axes=("embed", "heads"), use_bias=qkv_bias, name=name, **kw)(a),
+                                    HEADS_LAYOUT)
     out = multi_head_attention(qkv("to_q", x), qkv("to_k", context), qkv("to_v", context), heads, upcast=upcast)
-    return dense(x.shape[-1], axes=("heads", "embed"), name="to_out_0", **kw)(out)
+    return dense(x.shape[-1], axes=("heads", "embed"), name="to_out_0", **kw)(constrain(out, HEADS_LAYOUT))
 
 
 def upsample_nearest_2x(x: jax.Array) -> jax.Array:

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 
 from rectflow_jax import weights
 from rectflow_jax.models.layers import (
-    Downsample2D, ResnetBlock2D, Upsample2D, attention, conv, dense, group_norm, layer_norm, sinusoidal_embedding)
+    FF_LAYOUT, Downsample2D, ResnetBlock2D, Upsample2D, attention, constrain, conv, dense, group_norm, layer_norm,
+    remat_policy_name, rematerialised, sinusoidal_embedding)
 
 Dtype = Any
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -72,8 +73,8 @@ def _tuples(value: Any) -> Any:
 
 
 @functools.cache
-def _maybe_remat(cls: type, remat: bool) -> type:
-    return nn.remat(cls) if remat else cls
+def _maybe_remat(cls: type, remat: str) -> type:
+    return rematerialised(cls, remat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +84,7 @@ class Shared:
     eps: float
     use_linear_projection: bool
     upcast_attention: bool
-    remat: bool
+    remat: str     # a layers.REMAT_POLICIES name
     dtype: Dtype
     param_dtype: Dtype
 
@@ -114,7 +115,9 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h, gate = jnp.split(dense(2 * self.features, name="proj", **self.shared.kw)(x), 2, axis=-1)
+        # Value and gate halves each split over 'tensor' the same way, so the product stays local.
+        proj = dense(2 * self.features, axes=("embed", "ff"), name="proj", **self.shared.kw)(x)
+        h, gate = (constrain(half, FF_LAYOUT) for half in jnp.split(proj, 2, axis=-1))
         return h * jax.nn.gelu(gate, approximate=False)  # torch F.gelu is the exact (erf) form
 
 
@@ -124,7 +127,7 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = GEGLU(4 * x.shape[-1], self.shared, name="net_0")(x)  # net_1 is dropout: no params
-        return dense(x.shape[-1], axes=("mlp", "embed"), name="net_2", **self.shared.kw)(h)
+        return dense(x.shape[-1], axes=("ff", "embed"), name="net_2", **self.shared.kw)(constrain(h, FF_LAYOUT))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -267,7 +270,7 @@ class UNet2DConditionModel(nn.Module):
     # Not diffusers config: compute dtype (e.g. bf16), parameter dtype, per-block rematerialisation.
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False   # layers.REMAT_POLICIES: 'none', 'full', 'dots_saveable' (True: 'full')
     config_json: str = "{}"
 
     @nn.compact
@@ -277,7 +280,7 @@ class UNet2DConditionModel(nn.Module):
         layers = _per_block(self.layers_per_block, n)
         depth = _per_block(self.transformer_layers_per_block, n)
         shared = Shared(self.norm_num_groups, self.norm_eps, self.use_linear_projection, self.upcast_attention,
-                        self.remat, self.dtype, self.param_dtype)
+                        remat_policy_name(self.remat), self.dtype, self.param_dtype)
         kw, ch0, context = shared.kw, self.block_out_channels[0], encoder_hidden_states
 
         t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), sample.shape[:1])
@@ -347,7 +350,7 @@ class UNet2DConditionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, subfolder: str | None = "unet", *, dtype: Dtype = jnp.float32,
-                        param_dtype: Dtype = jnp.float32, remat: bool = False, allow_pickle: bool = False,
+                        param_dtype: Dtype = jnp.float32, remat: bool | str = False, allow_pickle: bool = False,
                         shardings: Any = None, on_host: bool = False) -> tuple["UNet2DConditionModel", dict[str, Any]]:
         """(module, params) from a diffusers folder.
 

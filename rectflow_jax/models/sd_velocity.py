@@ -83,7 +83,7 @@ class SDVelocity(nn.Module):
             unet_config = weights.read_config(weights.resolve_folder(folder, "unet"))
             text_config = weights.read_config(weights.resolve_folder(folder, "text_encoder"))
         unet = UNet2DConditionModel.from_config(unet_config, dtype=dtype, param_dtype=param_dtype,
-                                                remat=bool(config.get("remat", False)))
+                                                remat=config.get("remat", False))
         text = CLIPTextModel.from_config(text_config, dtype=dtype, param_dtype=param_dtype)
         return cls(unet=unet, text_encoder=text, clip_skip=int(config.get("clip_skip", 0)),
                    text_encoder_from_folder=not inline)

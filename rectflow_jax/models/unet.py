@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
@@ -10,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rectflow_jax.models.layers import (class_labels, conv, dense, embed, group_norm, multi_head_attention,
-                                        sinusoidal_embedding, upsample_nearest_2x)
+from rectflow_jax.models.layers import (REMAT_POLICIES, class_labels, conv, dense, embed, group_norm,
+                                        multi_head_attention, remat_policy_name, sinusoidal_embedding,
+                                        upsample_nearest_2x)
 
 # Residual branches start at zero so each block begins as the identity (DDPM init).
 _zeros = nn.initializers.zeros_init()
@@ -32,7 +34,7 @@ def _merge(skip: jax.Array, residual: jax.Array, rescale: bool) -> jax.Array:
     return out / math.sqrt(2.0) if rescale else out
 
 
-class ResBlock(nn.Module):
+class _ResBlock(nn.Module):
     out_ch: int
     dropout: float
     skip_rescale: bool
@@ -53,7 +55,7 @@ class ResBlock(nn.Module):
         return _merge(x, h, self.skip_rescale)
 
 
-class AttnBlock(nn.Module):
+class _AttnBlock(nn.Module):
     """Single-head self-attention over all pixels, as in DDPM++."""
 
     skip_rescale: bool
@@ -69,6 +71,12 @@ class AttnBlock(nn.Module):
         h = multi_head_attention(q, k, v, num_heads=1)
         h = dense(c, axes=("heads", "mlp"), name="out", kernel_init=_zeros, **layer)(h)
         return _merge(x, h.reshape(x.shape), self.skip_rescale)
+
+
+@functools.cache
+def _remat_block(cls: type, remat: bool | str, static: tuple[int, ...] = ()) -> type:
+    name = remat_policy_name(remat)
+    return cls if name == "none" else nn.remat(cls, policy=REMAT_POLICIES[name], static_argnums=static)
 
 
 class UNet(nn.Module):
@@ -92,6 +100,7 @@ class UNet(nn.Module):
     resblock_skip_rescale: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: bool | str = False   # layers.REMAT_POLICIES, per res / attention block
 
     def _time_features(self, t: jax.Array) -> jax.Array:
         if self.embedding_type == "positional":
@@ -115,6 +124,8 @@ class UNet(nn.Module):
         block = dict(dropout=self.dropout, skip_rescale=self.resblock_skip_rescale, **layer)
         attn = dict(skip_rescale=self.resblock_skip_rescale, **layer)
         temb_dim = 4 * self.ch
+        # `train` (dropout on or off) is a Python bool: static for the rematerialised call.
+        ResBlock, AttnBlock = _remat_block(_ResBlock, self.remat, static=(3,)), _remat_block(_AttnBlock, self.remat)
 
         temb = dense(temb_dim, name="temb_0", **layer)(self._time_features(t))
         temb = dense(temb_dim, name="temb_1", **layer)(nn.silu(temb))
