@@ -194,6 +194,10 @@ def run(command: str) -> None:
 
     config = _CONFIG.value
     configlib.validate(config)
+    if config.get("compilation_cache_dir"):  # before anything compiles; shared by every host and rerun
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
     if command in ("sample", "eval") and _PRETRAINED.value and _CHECKPOINT.value:
         raise UsageError(f"give `rectflow {command}` either --checkpoint or --pretrained, not both")
     if command == "eval" and (_PRETRAINED.value or (_CHECKPOINT.value and _is_text_stage(_CHECKPOINT.value))):
@@ -362,9 +366,15 @@ def main() -> None:
     if asked:  # absl's own --help prints only "USAGE: rectflow [flags]"
         print(help_text(command))
         sys.exit(0)
+    from rectflow_jax import preemption
+
     expected = input_errors()
+    preemption.install_handler()  # SIGTERM: save at the next step or shard, then exit 75
     try:
         app.run(_main, flags_parser=_parse_flags)
+    except preemption.Preempted as err:
+        print(f"rectflow: preempted: {err}", file=sys.stderr)
+        sys.exit(preemption.PREEMPTED_EXIT_CODE)
     except expected as err:
         if os.environ.get("RECTFLOW_TRACEBACK"):
             raise

@@ -84,6 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.sample_every = 0              # TensorBoard grids; 0: at the end only
     c.train.freeze = ()                   # top-level param names kept at their initial values (text_encoder)
+    c.train.microbatches = 1              # gradient accumulation: the batch in this many slices, one scan
+    c.train.preemption_check_every = 10   # steps between the hosts' agreement on a SIGTERM (1 host: every step)
 
     # Overrides for the later stages: partial configs over flow/optim/train.
     c.stages = ml_collections.ConfigDict()
@@ -152,6 +154,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.grid_size = 16                 # images in grid.png
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.compilation_cache_dir = ""          # persistent XLA compilation cache (local path or gs://); "" for none
     c.sharding_rules = ml_collections.ConfigDict()   # logical axis -> mesh axis overrides
 
     c.distributed = ml_collections.ConfigDict()

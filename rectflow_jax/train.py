@@ -9,7 +9,9 @@ was trained: the model sees x_tau at our time 1 - tau / 1000 (rectflow_jax.diffu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import time
 from pathlib import Path
@@ -23,7 +25,9 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
-from rectflow_jax import checkpoint, configlib, diffusion, flow, models, parallel, sampling
+from rectflow_jax import checkpoint, configlib, diffusion, flow, models, parallel, preemption, sampling
+
+log = logging.getLogger("rectflow")
 
 OBJECTIVES = ("flow", "distill", "diffusion")
 SCHEDULES = ("constant", "cosine")                  # optim.schedule, after the linear warm-up
@@ -136,7 +140,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, objec
                     loss: LossFn, time_sampler: Callable, source_fn: Callable,
                     ema_decay: Callable[[jax.Array], jax.Array], cond_dropout: float = 0.0,
                     null_cond: Mapping[str, Any] | None = None, schedule: diffusion.Schedule | None = None,
-                    freeze: tuple[str, ...] = ()):
+                    freeze: tuple[str, ...] = (), microbatches: int = 1):
     """The pure step (state, batch, key, frozen) -> (state, metrics); jit it with shardings.
 
     A batch holds x1, and optionally x0 (or the (noise_seed, noise_index) it is regenerated
@@ -147,6 +151,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, objec
     and the whole updated state are finite, so a diverged state is never saved.
     `schedule`: the diffusion objective's noise schedule. `freeze`: top-level param names
     that get neither gradient nor update (2-RF keeping its teacher's text encoder).
+    `microbatches`: the batch's gradient is accumulated over this many slices in one
+    lax.scan, in float32; t, x0 and condition dropout are drawn for the whole batch first,
+    so any split gives the step of the whole batch (up to rounding; model dropout masks
+    are drawn per slice).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
@@ -154,9 +162,24 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, objec
         raise ValueError("condition dropout needs the null condition")
     if (objective == "diffusion") != (schedule is not None):
         raise ValueError("the diffusion objective, and only it, takes a noise schedule")
+    if microbatches < 1:
+        raise configlib.ConfigError(f"train.microbatches must be at least 1, got {microbatches}")
     alphas_cumprod = None if schedule is None else jnp.asarray(schedule.alphas_cumprod, jnp.float32)
 
+    def regression_rows(key_t, x0, x1):
+        """Per example: the model's input x and time t, and the target of its prediction."""
+        if objective == "distill":  # the one-step map x0 + v(x0, 0) onto x1
+            return x0, jnp.zeros((x0.shape[0],)), x1
+        if objective == "diffusion":  # x0 is the noise eps
+            tau = jax.random.randint(key_t, (x0.shape[0],), 0, len(schedule.alphas_cumprod))
+            return (diffusion.noised(alphas_cumprod, x1, x0, tau), diffusion.model_time(tau),
+                    diffusion.prediction_target(schedule.prediction_type, alphas_cumprod, x1, x0, tau))
+        t = time_sampler(key_t, x0.shape[0])
+        return flow.interpolate(x0, x1, t), t, flow.target_velocity(x0, x1)
+
     def train_step(state: TrainState, batch: Mapping[str, jax.Array], base_key: jax.Array, frozen: Any = None):
+        if not jnp.issubdtype(base_key.dtype, jax.dtypes.prng_key):  # raw key data
+            base_key = jax.random.wrap_key_data(base_key)
         # Keys derive from the step, so a resumed run draws what an uninterrupted one would.
         step_key = jax.random.fold_in(base_key, state.step)
         key_t, key_x0, key_dropout = jax.random.split(step_key, 3)
@@ -166,23 +189,21 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, objec
         if cond is not None and cond_dropout:
             cond = drop_condition(key_cond, cond, null_cond, cond_dropout)
         frozen = frozen or {}
+        x, t, target = regression_rows(key_t, x0, x1)
+        rows = {"x": x, "t": t, "target": target, "cond": cond}
 
-        def compute_loss(params):
+        def rows_loss(params, rows, key):
             params = {k: jax.lax.stop_gradient(v) if k in freeze else v for k, v in params.items()}
             variables = {"params": {**params, **{k: frozen[k] for k in models.frozen_keys(model)}}}
-            apply = lambda x, t: model.apply(variables, x, t, cond, train=True, rngs={"dropout": key_dropout})
-            if objective == "distill":
-                pred, target = x0 + apply(x0, jnp.zeros((x0.shape[0],))), x1
-            elif objective == "diffusion":  # x0 is the noise eps
-                tau = jax.random.randint(key_t, (x0.shape[0],), 0, len(schedule.alphas_cumprod))
-                pred = apply(diffusion.noised(alphas_cumprod, x1, x0, tau), diffusion.model_time(tau))
-                target = diffusion.prediction_target(schedule.prediction_type, alphas_cumprod, x1, x0, tau)
-            else:
-                t = time_sampler(key_t, x0.shape[0])
-                pred, target = apply(flow.interpolate(x0, x1, t), t), flow.target_velocity(x0, x1)
-            return jnp.mean(loss(pred.astype(jnp.float32), target.astype(jnp.float32), frozen))
+            v = model.apply(variables, rows["x"], rows["t"], rows["cond"], train=True, rngs={"dropout": key})
+            pred = rows["x"] + v if objective == "distill" else v
+            return jnp.mean(loss(pred.astype(jnp.float32), rows["target"].astype(jnp.float32), frozen))
 
-        loss_value, grads = jax.value_and_grad(compute_loss)(state.params)
+        if microbatches == 1:
+            loss_value, grads = jax.value_and_grad(rows_loss)(state.params, rows, key_dropout)
+        else:
+            loss_value, grads = _accumulated(jax.value_and_grad(rows_loss), state.params, rows, key_dropout,
+                                             microbatches)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         # Zero, not just zero-gradient: weight decay would still move a frozen part.
         updates = {k: jax.tree_util.tree_map(jnp.zeros_like, v) if k in freeze else v for k, v in updates.items()}
@@ -196,6 +217,33 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, objec
         return new_state, {"loss": loss_value, "grad_norm": optax.tree.norm(grads), "finite": finite}
 
     return train_step
+
+
+def _accumulated(loss_and_grad: Callable, params: Any, rows: Any, key: jax.Array, microbatches: int):
+    """Mean loss and gradient over `microbatches` equal slices of `rows`, summed in float32 in one scan.
+
+    Slice m takes rows m, m + M, m + 2M, ...: the batch is split over devices in
+    contiguous blocks, so every slice keeps rows on every device and no device idles.
+    """
+    batch = jax.tree_util.tree_leaves(rows)[0].shape[0]
+    if batch % microbatches:
+        raise configlib.ConfigError(f"the batch ({batch} rows) does not split into train.microbatches="
+                                    f"{microbatches} equal parts")
+    strided = jax.tree_util.tree_map(
+        lambda a: jnp.swapaxes(a.reshape((batch // microbatches, microbatches) + a.shape[1:]), 0, 1), rows)
+
+    def accumulate(carry, slice_and_index):
+        loss_sum, grad_sum = carry
+        part, index = slice_and_index
+        loss_value, grads = loss_and_grad(params, part, jax.random.fold_in(key, index))
+        grad_sum = jax.tree_util.tree_map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
+        return (loss_sum + loss_value.astype(jnp.float32), grad_sum), None
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
+                                           (strided, jnp.arange(microbatches)))
+    grads = jax.tree_util.tree_map(lambda g, p: (g / microbatches).astype(p.dtype), grad_sum, params)
+    return loss_sum / microbatches, grads
 
 
 @dataclasses.dataclass
@@ -360,6 +408,8 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
     run = run_definition(config, stage)
     run_hash = checkpoint.json_hash(run)
     init_key, step_key = jax.random.split(stage_key(config.seed, stage))
+    # As raw key data, placed like any replicated host value (a typed key cannot be, across processes).
+    step_key = parallel.replicate(np.asarray(jax.random.key_data(step_key)), mesh)
     create = jax.jit(fresh_state, out_shardings=state_shardings)
     abstract_state = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), jax.eval_shape(create, init_key, stage.init_params),
@@ -382,51 +432,71 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
         schedule = diffusion.training_schedule(config.flow.diffusion) if stage.objective == "diffusion" else None
         frozen_sharding = frozen_shardings(stage, mesh, rules)
         frozen = jax.device_put(stage.frozen_params, frozen_sharding)
-        compile_step = lambda loss_name: jax.jit(
+        step_fn = lambda loss_name: jax.jit(
             make_train_step(stage.model, tx, objective=stage.objective, loss=_loss(loss_name, stage),
                             time_sampler=flow.time_sampler(sampler, **config.flow[sampler]),
                             source_fn=stage.source_fn,
                             ema_decay=ema_decay_schedule(config.optim.ema_decay, config.optim.ema_warmup),
                             cond_dropout=float(config.flow.get("cond_dropout", 0.0)), null_cond=stage.null_cond,
-                            schedule=schedule, freeze=freeze),
+                            schedule=schedule, freeze=freeze, microbatches=int(config.train.get("microbatches", 1))),
             in_shardings=(state_shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh),
                           frozen_sharding),
             out_shardings=(state_shardings, parallel.replicated(mesh)),
             donate_argnums=0)
         losses = loss_schedule(config)
-        step_fns = {name: compile_step(name) for _, name in losses}
         loss_at = lambda step: [name for first, name in losses if step > first][-1]
         with_frozen = lambda params: {**params, **{k: frozen[k] for k in models.frozen_keys(stage.model)}}
         writer = _summary_writer(stage_dir / "tensorboard")
         batches = stage.batches(local_batch, config.seed, start, shard=(jax.process_index(), jax.process_count()))
+        timer = _StepTimer()
+        with timer.waiting():
+            first_batch = parallel.global_batch(next(batches), mesh)
+        # Ahead of time, once per loss: the memory and FLOPs are known before step 1.
+        with parallel.activation_sharding(mesh, rules):
+            step_fns = {name: step_fn(name).lower(state, first_batch, step_key, frozen).compile()
+                        for name in dict.fromkeys(name for _, name in losses)}
+        stats = compiled_stats(step_fns[loss_at(start + 1)], mesh)
+        _log_compiled(stage.name, stats, config.train.batch_size)
+        if jax.process_index() == 0:
+            checkpoint.write_json(stage_dir / "compiled.json", stats)
+        timer.restart(start)  # step times leave the compilation out
+        check_every = 1 if jax.process_count() == 1 else max(1, int(config.train.get("preemption_check_every", 10)))
         pending: list[tuple[int, Any]] = []
         history: list[dict] = []
         bar = tqdm(total=num_steps, initial=start, desc=stage.name, unit="step", dynamic_ncols=True,
                    disable=not progress or jax.process_index() != 0)
-        last_time, last_step = time.perf_counter(), start
         for step in range(start + 1, num_steps + 1):
-            state, metrics = step_fns[loss_at(step)](state, parallel.global_batch(next(batches), mesh), step_key,
-                                                     frozen)
+            if step == start + 1:
+                batch = first_batch
+            else:
+                with timer.waiting():
+                    batch = parallel.global_batch(next(batches), mesh)
+            state, metrics = step_fns[loss_at(step)](state, batch, step_key, frozen)
             pending.append((step, metrics))
             log_now = step % config.train.log_every == 0 or step == num_steps
             save_now = step % config.train.checkpoint_every == 0 or step == num_steps
-            if log_now or save_now:
+            stop_now = step % check_every == 0 and preemption.requested(step)
+            if log_now or save_now or stop_now:
                 _check_finite(pending)  # raises before a diverged state can be saved
                 host = {k: float(v) for k, v in jax.device_get(pending[-1][1]).items() if k != "finite"}
-                now = time.perf_counter()
-                rate = (step - last_step) / max(now - last_time, 1e-9)
-                last_time, last_step, pending = now, step, []
-                history.append(dict(host, step=step, steps_per_s=rate))
-                bar.set_postfix(loss=f"{host['loss']:.4f}", steps_per_s=f"{rate:.1f}")
+                pending = []
+                host.update(timer.window(step, config.train.batch_size, stats.get("flops_per_step"),
+                                         stats.get("peak_flops")))
+                history.append(dict(host, step=step))
+                bar.set_postfix(loss=f"{host['loss']:.4f}", steps_per_s=f"{host['steps_per_s']:.1f}")
                 if writer:
                     with writer.as_default(step=step):
-                        _write_scalars(dict(host, steps_per_s=rate))
-            if save_now:
-                ckpt.save(step, state, meta, force=step == num_steps)
-            if writer and stage.sample_fn and (step == num_steps or (
+                        _write_scalars(host)
+            if save_now or stop_now:
+                ckpt.save(step, state, meta, force=True)
+            if stop_now:
+                ckpt.wait()
+                bar.close()
+                raise preemption.Preempted(f"stage {stage.name} stopped at step {step} of {num_steps} on request "
+                                           f"(SIGTERM); its checkpoint is in {stage_dir}: rerun to resume")
+            if stage.sample_fn and (step == num_steps or (
                     config.train.sample_every and step % config.train.sample_every == 0)):
-                with writer.as_default(step=step):
-                    _write_image("samples", stage.sample_fn(with_frozen(state.ema_params)))
+                _preview(stage, writer, step, with_frozen(state.ema_params))
             bar.update(1)
         bar.close()
         return TrainResult(state, history)
@@ -492,3 +562,98 @@ def _write_image(name: str, image: np.ndarray) -> None:
     import tensorflow as tf
 
     tf.summary.image(name, np.asarray(image)[None])
+
+
+def _preview(stage: Stage, writer, step: int, params: Any) -> None:
+    """The TensorBoard picture, drawn by every process from the (possibly FSDP-sharded) params:
+    sampling is a collective over the mesh, so no process may sit it out. One writes it."""
+    image = stage.sample_fn(params)
+    if writer:
+        with writer.as_default(step=step):
+            _write_image("samples", image)
+
+
+# Dense bf16 peak FLOP/s per device, by jax's device_kind (vendor data sheets; SXM parts).
+PEAK_BF16_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+    "A800": 312e12, "L40S": 362e12, "TPU v2": 45e12, "TPU v3": 123e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+
+def peak_flops(device) -> float | None:
+    """The device's bf16 peak FLOP/s, or None where unknown (CPUs)."""
+    if device.platform == "cpu":
+        return None
+    kind = device.device_kind
+    matches = [name for name in PEAK_BF16_FLOPS if name.lower() in kind.lower()]
+    if not matches:
+        return None
+    if "h100" in kind.lower() and "pcie" in kind.lower():
+        return 756e12
+    return PEAK_BF16_FLOPS[max(matches, key=len)]  # 'TPU v5 lite' before 'TPU v5'
+
+
+def compiled_stats(compiled, mesh) -> dict[str, Any]:
+    """Per-device memory (memory_analysis) and FLOPs per step (cost_analysis) of a compiled step.
+
+    XLA reports both for one device's partition of the SPMD program, so the FLOPs of the
+    whole step are the device count times it.
+    """
+    stats: dict[str, Any] = {"devices": int(mesh.size), "mesh": dict(mesh.shape),
+                             "device_kind": mesh.devices.flat[0].device_kind}
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                     "alias_size_in_bytes", "generated_code_size_in_bytes"):
+            stats[name.replace("_size_in_bytes", "_bytes")] = int(getattr(memory, name, 0) or 0)
+        stats["peak_bytes_estimate"] = (stats["argument_bytes"] + stats["output_bytes"] + stats["temp_bytes"]
+                                        - stats["alias_bytes"])
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and cost.get("flops"):
+        stats["flops_per_device_step"] = float(cost["flops"])
+        stats["flops_per_step"] = float(cost["flops"]) * mesh.size
+    stats["peak_flops"] = peak_flops(mesh.devices.flat[0])
+    return stats
+
+
+def _log_compiled(name: str, stats: dict, batch_size: int) -> None:
+    gib = lambda key: stats.get(key, 0) / 2**30
+    log.info("%s: compiled for %d devices %s (%s): per device %.3f GiB arguments (params, optimiser state, batch), "
+             "%.3f GiB temporaries, about %.3f GiB at peak", name, stats["devices"], stats["mesh"],
+             stats["device_kind"], gib("argument_bytes"), gib("temp_bytes"), gib("peak_bytes_estimate"))
+    if stats.get("flops_per_step"):
+        log.info("%s: %.4g TFLOPs per step of %d examples (XLA cost analysis)%s", name,
+                 stats["flops_per_step"] / 1e12, batch_size,
+                 f"; peak {stats['peak_flops'] / 1e12:.0f} TFLOP/s per device (bf16)" if stats["peak_flops"] else "")
+
+
+class _StepTimer:
+    """Steps/s, images/s, the share of time spent waiting for data, and MFU, per log window."""
+
+    def __init__(self):
+        self.restart(None)
+
+    def restart(self, step: int | None) -> None:
+        self.last_time, self.last_step, self.data_wait = time.perf_counter(), step, 0.0
+
+    @contextlib.contextmanager
+    def waiting(self):
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.data_wait += time.perf_counter() - begin
+
+    def window(self, step: int, batch_size: int, flops_per_step: float | None, peak: float | None,
+               ) -> dict[str, float]:
+        now = time.perf_counter()
+        steps = step - self.last_step if self.last_step is not None else 1
+        seconds = max(now - self.last_time, 1e-9)
+        out = {"steps_per_s": steps / seconds, "step_time_s": seconds / steps,
+               "images_per_s": steps * batch_size / seconds, "data_wait_fraction": min(self.data_wait / seconds, 1.0)}
+        if flops_per_step and peak:
+            out["mfu"] = flops_per_step * steps / seconds / (peak * jax.device_count())
+        self.last_time, self.last_step, self.data_wait = now, step, 0.0
+        return out
