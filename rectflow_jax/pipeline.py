@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rectflow_jax import (batch_runner, checkpoint, configlib, evaluate, flow, models, perceptual, plots, sampling,
-                          sd_folder, teachers, train)
+from rectflow_jax import (batch_runner, checkpoint, configlib, evaluate, flow, models, parallel, perceptual, plots,
+                          preemption, sampling, sd_folder, teachers, train)
 from rectflow_jax.configlib import ConfigError
 from rectflow_jax.data import datasets, pairs as pair_io
 from rectflow_jax.models import sd_velocity
@@ -48,18 +48,25 @@ def draw_source(dataset, key: jax.Array, n: int) -> tuple[np.ndarray, dict[str, 
     return x0, cond
 
 
-def _rows(cond: dict[str, np.ndarray] | None, sl: slice) -> dict[str, jax.Array] | None:
-    return None if cond is None else {k: jnp.asarray(v[sl]) for k, v in cond.items()}
+def inference_mesh(config) -> tuple[jax.sharding.Mesh, tuple]:
+    """The mesh (config.mesh, as training lays it out, over all processes) and the logical rules
+    that pairs, sampling and evaluation run on: a teacher's params are restored into them."""
+    return parallel.make_mesh(config.mesh.to_dict()), parallel.logical_rules(config.sharding_rules.to_dict())
 
 
 def _preview_fn(config, dataset, model, num_steps: int):
-    """params -> picture of a few samples, for TensorBoard during training."""
+    """params -> picture of a few samples, for TensorBoard during training.
+
+    On the training mesh, where the params are already: several processes must all call it.
+    """
     apply = train.velocity_apply(model)
-    sampler = sampling.make_sampler(apply, num_steps, method=config.sample.method)
+    solve = lambda params, x0, cond: sampling.integrate(lambda x, t: apply(params, x, t, cond), x0, num_steps,
+                                                        method=config.sample.method).x1
     x0, cond = draw_source(dataset, _stream(config.seed, PREVIEW_STREAM), 64 if len(dataset.shape) > 1 else 1000)
+    runner = batch_runner.BatchRunner(solve, len(x0), mesh=inference_mesh(config)[0])
 
     def preview(params):
-        x1 = np.asarray(sampler(params, jnp.asarray(x0), _rows(cond, slice(None))).x1)
+        x1 = runner.full(params, x0, cond)
         if len(dataset.shape) == 1:
             return plots.scatter_figure(x1, dataset.reference(1000)["x1"], title=f"{num_steps}-step samples")
         return plots.image_grid(x1, upscale=max(1, 64 // dataset.shape[0]))
@@ -240,14 +247,19 @@ def generate_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *, prog
     `generate_text_pairs`). Only a finished teacher is a source, and pairs.json names its
     checkpoint (run hash, step) or folder fingerprint; its path is only a note. Shard i is
     deterministic in i, so a rerun skips the finished shards; a directory made by another
-    teacher or other settings is refused. Processes split the shards.
+    teacher or other settings is refused. Every process runs every shard together over the
+    mesh (config.mesh), the teacher's params restored straight into their shardings; each
+    shard's owner writes it (pairs.write_pair_shards is collective), and a stop request
+    (preemption) ends the run at a shard boundary.
     """
     if teachers.is_sd_teacher(teacher_dir):
         return generate_text_pairs(config, teacher_dir, out_dir, progress=progress)
     dataset = datasets.get_dataset(config.data)
+    mesh, rules = inference_mesh(config)
     teacher = teachers.load_velocity_teacher(teacher_dir, expected_shape=dataset.shape,
                                              expected_num_classes=dataset.num_classes,
-                                             expected_source=dataset.source_spec, finished=True)
+                                             expected_source=dataset.source_spec, finished=True, mesh=mesh,
+                                             rules=rules)
     provenance = teachers.finished_provenance(teacher_dir, teacher.meta, teacher.step)
     source = teacher.dataset  # pi0 as the teacher learnt it
     cfg = config.pairs
@@ -255,26 +267,26 @@ def generate_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *, prog
     sampling.check_method(cfg.method)
     runner = batch_runner.BatchRunner(
         lambda params, x0, cond: sampling.integrate(lambda x, t: teacher.apply_velocity(params, x, t, cond), x0,
-                                                    cfg.num_steps, method=cfg.method).x1, cfg.batch_size)
-    params = runner.place(teacher.params)
+                                                    cfg.num_steps, method=cfg.method).x1, cfg.batch_size, mesh=mesh)
+    params = runner.place(teacher.params)  # restored into its shardings: kept as it is
 
     def make_shard(index: int) -> dict[str, np.ndarray]:
+        # Every process draws the whole shard's inputs alike, solves its block of rows, gets all of x1.
         size = min(cfg.shard_size, cfg.num_pairs - index * cfg.shard_size)
         key = pair_key(config.seed, provenance, index)
         shard = {"x0": np.asarray(source.sample_source(key, size), np.float32)}
         if dataset.num_classes:
             shard["label"] = np.asarray(jax.random.randint(jax.random.fold_in(key, 1), (size,), 0,
                                                            dataset.num_classes), np.int32)
-        shard["x1"] = runner(params, shard["x0"], models.condition(shard)).astype(np.float32)
+        shard["x1"] = runner.full(params, shard["x0"], models.condition(shard)).astype(np.float32)
         return shard
 
     meta = {"teacher_run_hash": provenance["run_hash"],
             "teacher_step": provenance["step"], "source": source.source_spec, "shape": list(dataset.shape),
             "num_classes": dataset.num_classes, "num_pairs": cfg.num_pairs, "shard_size": cfg.shard_size,
             "num_steps": cfg.num_steps, "method": cfg.method, "seed": config.seed}
-    mine = range(jax.process_index(), num_shards, jax.process_count())
-    pair_io.write_pair_shards(out_dir, make_shard, num_shards, meta, shard_indices=mine,
-                              notes={"teacher": str(teacher_dir)}, progress=progress)
+    pair_io.write_pair_shards(out_dir, make_shard, num_shards, meta, notes={"teacher": str(teacher_dir)},
+                              progress=progress, stop_requested=preemption.requested)
     return Path(out_dir)
 
 
@@ -298,16 +310,20 @@ def generate_text_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *,
     its pipeline would make it (`SDTeacher.solve`, with guidance above 1); the token ids
     and the prompt are stored beside. The VAE is never run. Settings: `config.teacher`
     (method, num_steps, guidance_scale, negative_prompt, dtype) for a pretrained folder,
-    `config.pairs` for an 'sd_unet' stage (2-RF making the distillation pairs).
+    `config.pairs` for an 'sd_unet' stage (2-RF making the distillation pairs). As in
+    `generate_pairs`, every process runs every shard together over config.mesh, the
+    teacher loaded straight into its shardings by the logical rules (sharded over 'fsdp'
+    and 'tensor' axes: a teacher larger than one device).
     """
     dataset = datasets.get_dataset(config.data)
     settings = text_pair_settings(config, teacher_dir)
     cfg = config.pairs
     num_shards = _check_pair_sizes(cfg)
     sampling.check_method(settings.method)
+    mesh, rules = inference_mesh(config)
     teacher = teachers.load_sd_teacher(teacher_dir, dtype=settings.get("dtype", "float32"),
                                        prediction_type=config.sample.prediction_type, finished=True,
-                                       clip_skip=settings.get("clip_skip"))
+                                       clip_skip=settings.get("clip_skip"), mesh=mesh, rules=rules)
     if tuple(teacher.latent_shape) != tuple(dataset.shape):
         raise teachers.IncompatibleTeacher(f"teacher {str(teacher_dir)!r} makes latents of shape "
                                            f"{teacher.latent_shape}, but data.latent_shape is {tuple(dataset.shape)}")
@@ -323,7 +339,7 @@ def generate_text_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *,
         return teacher.solve(consts["params"], x0, ids, consts["negative"], consts["scale"], method=settings.method,
                              num_steps=settings.num_steps, guided=guided)
 
-    runner = batch_runner.BatchRunner(solve, cfg.batch_size)
+    runner = batch_runner.BatchRunner(solve, cfg.batch_size, mesh=mesh)
     consts = runner.place({"params": teacher.params, "negative": teacher.text.negative_ids(settings.negative_prompt),
                            "scale": np.float32(scale)})
     made = {"examples": 0, "seconds": 0.0}
@@ -333,7 +349,7 @@ def generate_text_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *,
         texts = prompt_source.prompts(indices)
         ids = teacher.text.tokenize(texts)
         start = time.perf_counter()
-        x1 = runner(consts, indices, ids)
+        x1 = runner.full(consts, indices, ids)  # every process: its block of rows solved, all of x1 back
         made["seconds"] += time.perf_counter() - start
         made["examples"] += len(indices)
         log.info("pairs shard %d: %d triplets at %.2f images/s", index, len(indices),
@@ -347,10 +363,9 @@ def generate_text_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *,
             "seed": config.seed, "guidance_scale": scale if guided else 1.0,
             "negative_prompt": settings.negative_prompt if guided else None, "prompts": prompt_source.spec,
             "noise_seed": noise_seed, "parametrisation": teacher.parametrisation}
-    mine = range(jax.process_index(), num_shards, jax.process_count())
-    pair_io.write_pair_shards(out_dir, make_shard, num_shards, meta, shard_indices=mine,
+    pair_io.write_pair_shards(out_dir, make_shard, num_shards, meta,
                               notes={"teacher": str(teacher_dir), "prompts_origin": prompt_source.origin},
-                              progress=progress)
+                              progress=progress, stop_requested=preemption.requested)
     if made["examples"]:
         log.info("pairs -> %s: %d triplets at %.2f images/s", out_dir, made["examples"],
                  made["examples"] / max(made["seconds"], 1e-9))
@@ -358,45 +373,56 @@ def generate_text_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *,
 
 
 def sample(config, checkpoint_dir: str | Path, out_dir: str | Path) -> dict[str, np.ndarray]:
-    """Writes out/samples.npz (x0, x1[, label]) and a picture; same seed, same x0."""
+    """Writes out/samples.npz (x0, x1[, label]) and a picture; same seed, same x0.
+
+    Every process runs it alike over config.mesh (each solves its block of the rows) and
+    returns the whole result; process 0 alone writes the files.
+    """
     dataset = datasets.get_dataset(config.data)
+    mesh, rules = inference_mesh(config)
     teacher = teachers.load_velocity_teacher(checkpoint_dir, expected_shape=dataset.shape,
                                              expected_num_classes=dataset.num_classes,
-                                             expected_source=dataset.source_spec)
+                                             expected_source=dataset.source_spec, mesh=mesh, rules=rules)
     cfg = config.sample
     x0, cond = draw_source(dataset, _stream(config.seed, SAMPLE_STREAM), cfg.num_samples)
-    sampler = sampling.make_sampler(teacher.apply_velocity, cfg.num_steps, method=cfg.method,
-                                    return_trajectory=len(dataset.shape) == 1)
-    x1, paths = [], []
-    for start in range(0, cfg.num_samples, cfg.batch_size):
-        sl = slice(start, start + cfg.batch_size)
-        sol = sampler(teacher.params, jnp.asarray(x0[sl]), _rows(cond, sl))
-        x1.append(np.asarray(sol.x1, np.float32))
-        if sol.trajectory is not None:
-            paths.append(np.asarray(sol.trajectory))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"x0": x0, "x1": np.concatenate(x1), **(cond or {})}
+    drawn = len(dataset.shape) == 1  # 2-D data: the trajectories are the picture
+
+    def solve(params, x0, cond):
+        sol = sampling.integrate(lambda x, t: teacher.apply_velocity(params, x, t, cond), x0, cfg.num_steps,
+                                 method=cfg.method, return_trajectory=drawn)
+        return sol.x1, (jnp.swapaxes(sol.trajectory, 0, 1) if drawn else None)  # the runner's rows come first
+
+    x1, paths = batch_runner.BatchRunner(solve, cfg.batch_size, mesh=mesh).full(teacher.params, x0, cond)
+    result = {"x0": x0, "x1": np.asarray(x1, np.float32), **(cond or {})}
     if len(dataset.shape) == 3:
         result["x1"] = np.clip(result["x1"], -1.0, 1.0)
+    if jax.process_index() != 0:
+        return result
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if len(dataset.shape) == 3:
         plots.save_png(plots.image_grid(result["x1"][:256], upscale=max(1, 32 // dataset.shape[0])), out / "grid.png")
     else:
         title = f"{Path(checkpoint_dir).name}: {cfg.num_steps} {cfg.method} steps"
-        plots.save_png(plots.trajectory_figure(np.concatenate(paths, axis=1), dataset.reference(2000)["x1"],
+        plots.save_png(plots.trajectory_figure(np.swapaxes(paths, 0, 1), dataset.reference(2000)["x1"],
                                                title=title), out / "trajectories.png")
     np.savez(out / "samples.npz", **result)
     return result
 
 
 def evaluate_stage(config, checkpoint_dir: str | Path) -> dict[str, Any]:
-    """Metrics of a stage at config.eval.steps Euler steps, from x0 fixed by the seed."""
+    """Metrics of a stage at config.eval.steps Euler steps, from x0 fixed by the seed.
+
+    Every process runs it alike over config.mesh and gets the same metrics; it writes nothing.
+    """
     dataset = datasets.get_dataset(config.data)
+    mesh, rules = inference_mesh(config)
     teacher = teachers.load_velocity_teacher(checkpoint_dir, expected_shape=dataset.shape,
                                              expected_num_classes=dataset.num_classes,
-                                             expected_source=dataset.source_spec)
+                                             expected_source=dataset.source_spec, mesh=mesh, rules=rules)
     x0, cond = draw_source(dataset, _stream(config.seed, EVAL_STREAM), config.eval.num_samples)
     return evaluate.evaluate_velocity(teacher.apply_velocity, teacher.params, dataset, x0, cond,
-                                      steps=tuple(config.eval.steps), batch_size=config.sample.batch_size)
+                                      steps=tuple(config.eval.steps), batch_size=config.sample.batch_size, mesh=mesh)
 
 
 def run_pipeline(config, workdir: str | Path, *, progress: bool = True) -> dict[str, Any]:
@@ -430,14 +456,19 @@ REPORT_STAGES = (("1-RF", "1rf"), ("2-RF", "2rf"), ("distilled", "distill"))
 
 
 def write_report(config, workdir: str | Path) -> dict[str, Any]:
-    """workdir/report: report.md (metrics table and claims), metrics.json, pictures."""
+    """workdir/report: report.md (metrics table and claims), metrics.json, pictures.
+
+    Every process evaluates alike and returns the report; process 0 alone draws and writes it.
+    """
     work = Path(workdir)
     out = work / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    writes = jax.process_index() == 0
+    if writes:
+        out.mkdir(parents=True, exist_ok=True)
     dataset = datasets.get_dataset(config.data)
     metric = evaluate.primary_metric(dataset)
     results, pictures = {}, []
-    if len(dataset.shape) == 3:
+    if writes and len(dataset.shape) == 3:
         real = dataset.reference(min(100, config.eval.num_samples), seed=1)["x1"]
         plots.save_png(plots.image_grid(real, ncols=10, upscale=max(1, 48 // dataset.shape[0])), out / "data.png")
         pictures.append(("real data", "data.png"))
@@ -445,6 +476,8 @@ def write_report(config, workdir: str | Path) -> dict[str, Any]:
         evaluation = evaluate_stage(config, work / name)
         outputs, paths = evaluation.pop("outputs"), evaluation.pop("trajectory")
         results[name] = evaluation
+        if not writes:
+            continue
         for steps in (min(outputs), max(outputs)):
             file = f"{name}_{steps}step.png"
             if len(dataset.shape) == 3:
@@ -467,8 +500,9 @@ def write_report(config, workdir: str | Path) -> dict[str, Any]:
     claims = dict(_claims(results, metric), independent_coupling_transport_cost=independent)
     real = evaluate.real_data_metrics(dataset)
     report = {"metric": metric, "stages": results, "claims": claims, "real_data": real}
-    checkpoint.write_json(out / "metrics.json", report)
-    (out / "report.md").write_text(_report_markdown(config, results, metric, claims, pictures, real))
+    if writes:
+        checkpoint.write_json(out / "metrics.json", report)
+        (out / "report.md").write_text(_report_markdown(config, results, metric, claims, pictures, real))
     return report
 
 

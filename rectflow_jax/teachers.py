@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
-from rectflow_jax import checkpoint, diffusion, models, sampling, sd_folder, train
+from rectflow_jax import checkpoint, diffusion, models, parallel, sampling, sd_folder, train, weights
 from rectflow_jax.data import datasets
 from rectflow_jax.models.clip_text import CLIPTextModel
 from rectflow_jax.models.sd_unet import UNet2DConditionModel
@@ -91,12 +92,15 @@ def finished_provenance(stage_dir: str | Path, meta: dict | None = None, step: i
 
 def load_velocity_teacher(stage_dir: str | Path, *, expected_shape: tuple[int, ...] | None = None,
                           expected_num_classes: int | None = None, expected_source: str | None = None,
-                          finished: bool = False) -> VelocityTeacher:
+                          finished: bool = False, mesh: Mesh | None = None, rules=None) -> VelocityTeacher:
     """Model and EMA params of a stage's latest checkpoint, after checking it fits the caller.
 
     `expected_source`: the caller's `Dataset.source_spec`; the teacher's flow starts from
     the source it was trained on, so another one is refused. `finished`: refuse a stage that
     is still training (see `finished_provenance`), as every stage reading a teacher must.
+    `mesh`: the params are restored straight into their shardings on it by the logical
+    `rules` (default parallel.logical_rules()), each process reading only its shards, so a
+    teacher larger than one device loads sharded; without, on the default device.
     """
     meta, step = checkpoint.read_meta(stage_dir)
     shape, num_classes = tuple(meta["shape"]), int(meta["num_classes"])
@@ -113,7 +117,8 @@ def load_velocity_teacher(stage_dir: str | Path, *, expected_shape: tuple[int, .
     if finished:
         finished_provenance(stage_dir, meta, step)
     model = models.build_velocity_model(meta["model"], shape, num_classes)
-    params = checkpoint.restore_params(stage_dir, train.abstract_params(model, shape, num_classes))
+    params = checkpoint.restore_params(stage_dir, train.abstract_params(model, shape, num_classes, mesh,
+                                                                        _rules(mesh, rules)))
     return VelocityTeacher(Path(stage_dir), model, params, shape, num_classes, meta, step)
 
 
@@ -206,28 +211,34 @@ class SDTeacher:
 
 
 def load_sd_teacher(path: str | Path, *, dtype: str = "float32", prediction_type: str = "auto",
-                    allow_pickle: bool = False, shardings: Any = None, finished: bool = False,
+                    allow_pickle: bool = False, mesh: Mesh | None = None, rules=None, finished: bool = False,
                     clip_skip: int | None = None) -> SDTeacher:
     """An SD folder (either kind) or a stage trained with model 'sd_unet', as an SDTeacher.
 
-    `shardings`: where to place the params (a Sharding), e.g. replicated over a mesh.
-    `clip_skip`: text-encoder layers skipped at the end (diffusers' clip_skip); a stage
-    uses the one it was trained with unless told otherwise.
+    `mesh`: the params go straight into their shardings on it by the logical `rules`
+    (default parallel.logical_rules()): a folder's tensors each placed so as read, a
+    stage restored by Orbax into them, so a teacher larger than one device loads sharded
+    ('fsdp', 'tensor' axes) and a mesh of 'data' alone replicates it; without a mesh, on
+    the default device. `clip_skip`: text-encoder layers skipped at the end (diffusers'
+    clip_skip); a stage uses the one it was trained with unless told otherwise.
     """
     if dtype not in DTYPES:
         raise sampling.SamplerError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     kind = DTYPES[dtype]
+    rules = _rules(mesh, rules)
     if sd_folder.is_pipeline_folder(path):
         index = sd_folder.read_model_index(path)
         scheduler = sd_folder.read_scheduler_config(path)
         parametrisation = sd_folder.parametrisation(path, index, scheduler, prediction_type)
-        unet, unet_params = UNet2DConditionModel.from_pretrained(path, "unet", dtype=kind, param_dtype=kind,
-                                                                 allow_pickle=allow_pickle, shardings=shardings)
+        unet, unet_params = UNet2DConditionModel.from_pretrained(
+            path, "unet", dtype=kind, param_dtype=kind, allow_pickle=allow_pickle,
+            shardings=folder_shardings(UNet2DConditionModel, path, "unet", mesh, rules, kind))
         provenance = {"run_hash": f"folder:{sd_folder.fingerprint(path)}", "step": 0}
         pretrained, params = str(path), {"unet": unet_params}
         trained_skip = 0
         text_encoder, params["text_encoder"] = CLIPTextModel.from_pretrained(
-            path, "text_encoder", dtype=kind, param_dtype=kind, allow_pickle=allow_pickle, shardings=shardings)
+            path, "text_encoder", dtype=kind, param_dtype=kind, allow_pickle=allow_pickle,
+            shardings=folder_shardings(CLIPTextModel, path, "text_encoder", mesh, rules, kind))
         tokenizer = sd_folder.load_tokenizer(path)
     else:
         meta, step = checkpoint.read_meta(path)
@@ -238,10 +249,8 @@ def load_sd_teacher(path: str | Path, *, dtype: str = "float32", prediction_type
             finished_provenance(path, meta, step)
         stored = {k: v for k, v in meta["model"].items() if k != "name"}
         model = SDVelocity.from_model_config(stored)  # as trained: the checkpoint's parameter dtype
-        abstract = train.abstract_params(model, tuple(meta["shape"]), int(meta["num_classes"]))
-        if shardings is not None:
-            abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings),
-                                              abstract)
+        abstract = train.abstract_params(model, tuple(meta["shape"]), int(meta["num_classes"]), mesh, rules)
+        # The cast to the compute dtype keeps each array's sharding (and is none when the dtypes agree).
         restored = jax.tree_util.tree_map(lambda a: jnp.asarray(a, kind), checkpoint.restore_params(path, abstract))
         computing = SDVelocity.from_model_config(stored | {"dtype": dtype, "param_dtype": dtype})
         unet, params = computing.unet, {"unet": restored["unet"]}
@@ -255,7 +264,7 @@ def load_sd_teacher(path: str | Path, *, dtype: str = "float32", prediction_type
             scheduler = scheduler or sd_folder.read_scheduler_config(pretrained)
             text_encoder, params["text_encoder"] = CLIPTextModel.from_pretrained(
                 pretrained, "text_encoder", dtype=kind, param_dtype=kind, allow_pickle=allow_pickle,
-                shardings=shardings)
+                shardings=folder_shardings(CLIPTextModel, pretrained, "text_encoder", mesh, rules, kind))
             tokenizer = sd_folder.load_tokenizer(pretrained)
         else:  # trained with the UNet: in the checkpoint, its tokenizer in the stage
             pretrained, text_encoder = "", computing.text_encoder
@@ -266,6 +275,21 @@ def load_sd_teacher(path: str | Path, *, dtype: str = "float32", prediction_type
     if (context if isinstance(context, int) else context[0]) != width:
         raise WeightLoadError(f"{str(path)!r}: the UNet attends to {context}-wide text but the text encoder gives {width}")
     return SDTeacher(unet, text, params, parametrisation, scheduler, pretrained, str(path), provenance)
+
+
+def _rules(mesh: Mesh | None, rules):
+    return None if mesh is None else (parallel.logical_rules() if rules is None else rules)
+
+
+def folder_shardings(cls, folder: str | Path, subfolder: str, mesh: Mesh | None, rules, dtype) -> Any:
+    """The NamedShardings of a folder's module params on `mesh` by the logical rules (None without a
+    mesh), from its config alone: what `from_pretrained(shardings=)` places each tensor by as it is read."""
+    if mesh is None:
+        return None
+    module = cls.from_config(weights.read_config(weights.resolve_folder(folder, subfolder)), dtype=dtype,
+                             param_dtype=dtype)
+    boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *module.dummy_inputs()))["params"]
+    return parallel.param_shardings(boxed, mesh, _rules(mesh, rules))
 
 
 def _trained_schedule(meta: dict) -> dict | None:

@@ -105,19 +105,21 @@ def default_stats_dir() -> str:
 
 
 class Measures:
-    """The two measuring networks: Inception (pytorch-fid's, for FID) and CLIP, over this host's devices."""
+    """The two measuring networks: Inception (pytorch-fid's, for FID) and CLIP, over this process's devices
+    (each process measures its own shards; process 0 alone the reference images)."""
 
     def __init__(self, protocol: Protocol):
         self.inception_fingerprint = inception.weights_fingerprint(protocol.inception_weights)
         self.clip_fingerprint = sd_folder.fingerprint(protocol.clip_model)
+        mesh = batch_runner.local_mesh()
         runner = batch_runner.BatchRunner(
             lambda params, images: inception.inception_features(params, images.astype(np.float32) / 255.0),
-            protocol.batch_size)
+            protocol.batch_size, mesh=mesh)
         self._inception_params = runner.place(
             inception.load_inception_params(protocol.inception_weights, allow_pickle=protocol.allow_pickle))
         self._inception = runner
         self.clip = CLIPScorer.from_pretrained(protocol.clip_model, allow_pickle=protocol.allow_pickle,
-                                               batch_size=protocol.batch_size)
+                                               batch_size=protocol.batch_size, mesh=mesh)
 
     def features(self, fid_images: np.ndarray) -> np.ndarray:
         """(N, R, R, 3) uint8 -> (N, 2048) float32 Inception pool features."""
@@ -201,7 +203,9 @@ def _shard_path(out: Path, k: int) -> Path:
 
 
 class _Generator:
-    """Fixed-size batches of one (model, solver) setting, timed; the first batch of a run pays the compile."""
+    """Fixed-size batches of one (model, solver) setting, timed; the first batch of a run pays the compile.
+
+    On the pipe's mesh, by default this process's devices alone: each process makes its own shards."""
 
     def __init__(self, config, pipe: t2i.TextToImage):
         s = config.sample
@@ -218,18 +222,16 @@ class _Generator:
         out = []
         for start in range(0, len(indices), self.batch):
             idx, text = indices[start:start + self.batch], prompts[start:start + self.batch]
-            pad = self.batch - len(idx)  # one batch shape, one compilation
-            idx = np.concatenate([idx, np.repeat(idx[-1:], pad)])
-            text = text + [text[-1]] * pad
             x0 = t2i.initial_noise([self.seed] * len(idx), idx.tolist(), self.latent_shape)
             began = time.perf_counter()
-            _, images = self.pipe.generate_ids(self.pipe.tokenize(text), x0, **self.kwargs)
+            # The pipe's runners pad a short batch to `batch`: one batch shape, one compilation.
+            _, images = self.pipe.generate_ids(self.pipe.tokenize(text), x0, batch_size=self.batch, **self.kwargs)
             elapsed = time.perf_counter() - began
             if self.compiled:
                 self.seconds += elapsed
-                self.timed += len(idx) - pad
+                self.timed += len(idx)
             self.compiled = True
-            out.append(images[:len(idx) - pad])
+            out.append(images)
         return np.concatenate(out)
 
 

@@ -8,10 +8,14 @@ same for a stage of ours trained with model 'sd_unet'. The latent ODE is the tea
 diffusion UNet, DDIM or DPM-Solver++ as diffusers' schedulers from the folder's scheduler
 config (rectflow_jax.diffusion). With a guidance scale s > 1 (as in diffusers; s <= 1, 0
 included, is the conditional model alone), guidance with the negative prompt, both halves
-in one UNet call. Images are vae.decode(x1 / scaling_factor), decoded by a jit of its own
+in one UNet call. Images are vae.decode(x1 / scaling_factor), decoded by a runner of its own
 so that latents can be made without the decoder. Batches run through the one
-`batch_runner.BatchRunner`, data parallel over the mesh, compiled once per
-(batch, steps, method, latent size, guidance on/off).
+`batch_runner.BatchRunner`, data parallel over the mesh (params sharded by the logical
+rules where the mesh has 'fsdp' or 'tensor' axes), compiled once per (batch, steps,
+method, latent size, guidance on/off), a ragged last batch padded. The default mesh is
+this process's devices (`batch_runner.local_mesh`): each process serves its own prompts
+(text_eval splits its shards by process); a mesh over all processes makes them serve
+every call together, each passing the same inputs.
 
 Seeds: prompt k of a run uses seed `seed + k`, and its image i starts from
 x0 = normal(fold_in(key(seed + k), i)) (sampling.noise_from_seeds). An image thus depends
@@ -43,7 +47,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from rectflow_jax import batch_runner, parallel, sampling, sd_folder, teachers
+from rectflow_jax import batch_runner, sampling, sd_folder, teachers
 from rectflow_jax.models.clip_text import CLIPTextModel
 from rectflow_jax.models.sd_unet import UNet2DConditionModel
 from rectflow_jax.models.vae import AutoencoderKL
@@ -101,9 +105,9 @@ class TextToImage:
                  mesh: jax.sharding.Mesh | None = None, scheduler_config: dict[str, Any] | None = None,
                  parametrisation: str = "velocity", clip_skip: int = 0, provenance: dict | None = None):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        # Data parallel over this host's devices: params on every device, put once, not per call.
-        self.mesh = mesh or parallel.make_mesh(devices=jax.local_devices())
-        self.params = jax.device_put(params, parallel.replicated(self.mesh))
+        # Params put on the mesh once, not per call; those loaded into their shardings stay as they are.
+        self.mesh = mesh or batch_runner.local_mesh()
+        self.params = batch_runner.place(params, self.mesh)
         self.pipeline_class, self.source = pipeline_class, source
         self.provenance = dict(provenance or {})  # {'run_hash', 'step'}: which weights these are
         self.scheduler_config = scheduler_config
@@ -112,14 +116,19 @@ class TextToImage:
             {k: self.params[k] for k in ("unet", "text_encoder")}, parametrisation, scheduler_config, source, source,
             self.provenance)
         self._runners: dict[tuple, batch_runner.BatchRunner] = {}
+        self._decoders: dict[int, batch_runner.BatchRunner] = {}
         self.traces = 0  # how often the sampler was traced: one per compilation
         self._check_compatible()
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, dtype: str = "float32", allow_pickle: bool = False,
-                        mesh: jax.sharding.Mesh | None = None, prediction_type: str = "auto",
+                        mesh: jax.sharding.Mesh | None = None, rules=None, prediction_type: str = "auto",
                         clip_skip: int = 0) -> "TextToImage":
         """Loads unet/, vae/, text_encoder/ and tokenizer/, computing in `dtype` and storing the params in it.
+
+        The params are read straight into their shardings on `mesh` by the logical `rules`
+        (teachers.load_sd_teacher): replicated on a mesh of 'data' alone, sharded over 'fsdp'
+        and 'tensor' axes, so a model larger than one device loads.
 
         bfloat16 params, as diffusers' `torch_dtype=torch.bfloat16`, halve the memory and
         spare every call a cast of the ~1B float32 weights. The folder's kind (velocity or
@@ -127,38 +136,37 @@ class TextToImage:
         """
         compute_dtype(dtype)  # a bad dtype is refused before anything is read
         pipeline_class = sd_folder.read_model_index(folder).get("_class_name", "")  # a pipeline folder, or one line
-        mesh = mesh or parallel.make_mesh(devices=jax.local_devices())
-        teacher = teachers.load_sd_teacher(folder, dtype=dtype,
-                                           prediction_type=prediction_type, allow_pickle=allow_pickle,
-                                           shardings=parallel.replicated(mesh), clip_skip=clip_skip)
+        mesh = mesh or batch_runner.local_mesh()
+        teacher = teachers.load_sd_teacher(folder, dtype=dtype, prediction_type=prediction_type,
+                                           allow_pickle=allow_pickle, mesh=mesh, rules=rules, clip_skip=clip_skip)
         if teacher.is_velocity and pipeline_class not in sd_folder.VELOCITY_PIPELINES:
             log.info("%s is a %s; sampling its UNet as a velocity field, as asked (prediction_type=velocity)",
                      folder, pipeline_class or "pipeline")
-        return cls._with_vae(teacher, folder, dtype, allow_pickle, mesh, pipeline_class)
+        return cls._with_vae(teacher, folder, dtype, allow_pickle, mesh, rules, pipeline_class)
 
     @classmethod
     def from_stage(cls, stage_dir: str | os.PathLike, *, dtype: str = "float32",
-                   mesh: jax.sharding.Mesh | None = None) -> "TextToImage":
+                   mesh: jax.sharding.Mesh | None = None, rules=None) -> "TextToImage":
         """A stage trained with model 'sd_unet' (2-RF, a distilled student): its EMA UNet, with the VAE,
         text encoder and tokenizer of the folder it was initialised from."""
         compute_dtype(dtype)
-        mesh = mesh or parallel.make_mesh(devices=jax.local_devices())
-        teacher = teachers.load_sd_teacher(stage_dir, dtype=dtype, shardings=parallel.replicated(mesh))
+        mesh = mesh or batch_runner.local_mesh()
+        teacher = teachers.load_sd_teacher(stage_dir, dtype=dtype, mesh=mesh, rules=rules)
         if not teacher.pretrained:  # a pixel-space model of ours: its outputs are the images
             return cls(teacher.unet, None, teacher.text.text_encoder, teacher.text.tokenizer, teacher.params,
                        pipeline_class="", source=teacher.source, mesh=mesh, scheduler_config=teacher.scheduler_config,
                        parametrisation=teacher.parametrisation, clip_skip=teacher.text.clip_skip,
                        provenance=teacher.provenance)
-        return cls._with_vae(teacher, teacher.pretrained, dtype, False, mesh, sd_folder.VELOCITY_PIPELINES[0])
+        return cls._with_vae(teacher, teacher.pretrained, dtype, False, mesh, rules, sd_folder.VELOCITY_PIPELINES[0])
 
     @classmethod
-    def _with_vae(cls, teacher: teachers.SDTeacher, folder, dtype: str, allow_pickle: bool, mesh,
+    def _with_vae(cls, teacher: teachers.SDTeacher, folder, dtype: str, allow_pickle: bool, mesh, rules,
                   pipeline_class: str) -> "TextToImage":
         kind = compute_dtype(dtype)
         try:
-            vae, vae_params = AutoencoderKL.from_pretrained(folder, "vae", dtype=kind, param_dtype=kind,
-                                                            allow_pickle=allow_pickle,
-                                                            shardings=parallel.replicated(mesh))
+            vae, vae_params = AutoencoderKL.from_pretrained(
+                folder, "vae", dtype=kind, param_dtype=kind, allow_pickle=allow_pickle,
+                shardings=teachers.folder_shardings(AutoencoderKL, folder, "vae", mesh, rules, kind))
         except NotImplementedError as err:
             raise WeightLoadError(f"{str(resolve_folder(folder, 'vae'))!r}: {err}") from err
         params = dict(teacher.params, vae=vae_params)
@@ -245,9 +253,10 @@ class TextToImage:
         if guided and negative_ids is None:
             raise ValueError("guidance_scale > 1 needs the negative prompt's ids")
         negative_ids = np.asarray(ids[:1] if negative_ids is None else negative_ids, np.int32)  # unused unguided
-        runner = self.runner(batch_size or len(x0), num_steps=num_steps, method=method, guided=guided)
-        latents = runner((self.params, negative_ids, np.float32(guidance_scale)), x0, ids)
-        return latents, (self.decode(latents) if decode else None)
+        batch = batch_size or len(x0)
+        runner = self.runner(batch, num_steps=num_steps, method=method, guided=guided)
+        latents = runner.full((self.params, negative_ids, np.float32(guidance_scale)), x0, ids)
+        return latents, (self.decode(latents, batch_size=batch) if decode else None)
 
     def runner(self, batch: int, *, num_steps: int, method: str, guided: bool) -> batch_runner.BatchRunner:
         """The batch runner of one (batch size, solver) setting; it compiles once per input shape."""
@@ -265,17 +274,18 @@ class TextToImage:
         return self.teacher.solve(params, x0, ids, negative_ids, guidance_scale, method=method,
                                   num_steps=num_steps, guided=guided)
 
-    @functools.cached_property
-    def _decode(self) -> Callable:
+    def _decode(self, params, latents):
         if self.vae is None:
-            return jax.jit(lambda params, images: to_uint8(images))
-        return jax.jit(lambda params, latents: to_uint8(self.vae.apply(
-            {"params": params}, latents / self.vae.scaling_factor, method=self.vae.decode)))
+            return to_uint8(latents)
+        return to_uint8(self.vae.apply({"params": params}, latents / self.vae.scaling_factor, method=self.vae.decode))
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
+    def decode(self, latents: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
         """Final latents -> uint8 NHWC images (vae.decode(latents / scaling_factor); a pixel-space
-        model's outputs themselves)."""
-        return np.asarray(self._decode(self.params.get("vae"), jnp.asarray(latents)))
+        model's outputs themselves), in chunks of `batch_size` (default all at once)."""
+        batch = batch_size or len(latents)
+        if batch not in self._decoders:
+            self._decoders[batch] = batch_runner.BatchRunner(self._decode, batch, mesh=self.mesh)
+        return self._decoders[batch].full(self.params.get("vae"), np.asarray(latents, np.float32))
 
 
 # ---------------------------------------------------------------------- runs to a folder
@@ -349,25 +359,28 @@ def _render(pipe: TextToImage, records: list[dict], noise: Callable[[list[dict]]
         raise TextToImageError("no prompts to sample")
     out.mkdir(parents=True, exist_ok=True)
     batch = max(1, min(batch_size, len(records)))
-    if batch % pipe.mesh.size:
-        log.warning("a batch of %d images does not split evenly over %d devices, so each batch is padded to %d: "
-                    "make --config.sample.batch_size a multiple of %d to waste no work", batch, pipe.mesh.size,
-                    -(-batch // pipe.mesh.size) * pipe.mesh.size, pipe.mesh.size)
+    rows = pipe.runner(batch, num_steps=num_steps, method=method,
+                       guided=sampling.guidance_applies(guidance_scale)).chunk  # whole rows per row shard
+    if rows != batch:
+        log.warning("a batch of %d images does not split evenly over the mesh's row shards, so it runs as chunks of "
+                    "%d, the last one padded: make --config.sample.batch_size a multiple of %d to waste no work",
+                    batch, rows, rows)
     x0s, x1s, samples = [], [], []
+    negative_ids = pipe.teacher.text.negative_ids(negative_prompt)
     bar = tqdm(range(0, len(records), batch), desc=f"sample -> {out.name}", unit="batch", disable=not progress)
     for start in bar:
         chunk = records[start:start + batch]
-        padded = chunk + [chunk[-1]] * (batch - len(chunk))  # a fixed batch shape: one compilation per run
-        x0 = noise(padded)
-        x1, images = pipe.generate([r["prompt"] for r in padded], x0, num_steps=num_steps, method=method,
-                                   guidance_scale=guidance_scale, negative_prompt=negative_prompt)
+        x0 = noise(chunk)
+        # The runners pad a short last batch: one compilation per run.
+        x1, images = pipe.generate_ids(pipe.tokenize([r["prompt"] for r in chunk]), x0, num_steps=num_steps,
+                                       method=method, guidance_scale=guidance_scale, negative_ids=negative_ids,
+                                       batch_size=batch)
         for n, (record, image) in enumerate(zip(chunk, images), start):
             record["file"] = f"{n:05d}.png"
             Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(out / record["file"])
-        x0s.append(x0[:len(chunk)])
-        x1s.append(x1[:len(chunk)])
-        samples.append(np.clip(x1[:len(chunk)], -1.0, 1.0) if pipe.vae is None
-                       else images[:len(chunk)].astype(np.float32) / 127.5 - 1.0)
+        x0s.append(x0)
+        x1s.append(x1)
+        samples.append(np.clip(x1, -1.0, 1.0) if pipe.vae is None else images.astype(np.float32) / 127.5 - 1.0)
     if save_latents:
         columns = {key: np.asarray([r[key] for r in records])
                    for key in ("prompt_index", "seed", "seed_b", "image_index", "alpha", "latent_index")

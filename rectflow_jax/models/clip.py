@@ -43,9 +43,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from rectflow_jax import weights
-from rectflow_jax.batch_runner import BatchRunner
+from rectflow_jax.batch_runner import BatchRunner, local_mesh
 from rectflow_jax.models import clip_text, clip_vision
 from rectflow_jax.models.clip_text import CLIPTextModel
 from rectflow_jax.models.clip_vision import CLIPVisionModel
@@ -321,26 +322,29 @@ def load_tokenizer(folder: str | os.PathLike):
 
 class CLIPScorer:
     """CLIP score of image-prompt pairs: preprocessing and tokenising on the host, each tower's
-    embeddings through its own batch runner (chunks of `batch_size` rows split over this host's
-    devices, compiled once), the cosine of each pair."""
+    embeddings through its own batch runner (chunks of `batch_size` rows split over the mesh's
+    devices, compiled once), the cosine of each pair. The default mesh is this process's devices
+    (batch_runner.local_mesh): each process scores its own images."""
 
     def __init__(self, model: CLIPModel, params: Any, preprocessor: CLIPPreprocessor, tokenizer,
-                 batch_size: int = 32):
+                 batch_size: int = 32, mesh: Mesh | None = None):
         size = model.vision_model.image_size
         if tuple(preprocessor.crop_hw) != (size, size):
             raise weights.WeightLoadError(f"the image processor crops to {tuple(preprocessor.crop_hw)}, but the CLIP "
                                           f"vision tower takes {size}x{size} images")
         self.model, self.preprocessor, self.tokenizer = model, preprocessor, tokenizer
-        runner = lambda method: BatchRunner(lambda p, x: model.apply({"params": p}, x, method=method), batch_size)
+        mesh = mesh or local_mesh()
+        runner = lambda method: BatchRunner(lambda p, x: model.apply({"params": p}, x, method=method), batch_size,
+                                            mesh=mesh)
         self._image_embeds, self._text_embeds = runner(CLIPModel.image_embeds), runner(CLIPModel.text_embeds)
         self.params = self._image_embeds.place(params)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, allow_pickle: bool = False,
-                        dtype: Any = "float32", batch_size: int = 32) -> "CLIPScorer":
+                        dtype: Any = "float32", batch_size: int = 32, mesh: Mesh | None = None) -> "CLIPScorer":
         """From a transformers CLIPModel folder; `dtype` is the compute dtype (params stay float32)."""
         model, params = CLIPModel.from_pretrained(folder, dtype=jnp.dtype(dtype), allow_pickle=allow_pickle)
-        return cls(model, params, preprocessor_from_folder(folder), load_tokenizer(folder), batch_size)
+        return cls(model, params, preprocessor_from_folder(folder), load_tokenizer(folder), batch_size, mesh)
 
     @property
     def max_length(self) -> int:
