@@ -194,6 +194,10 @@ def run(command: str) -> None:
 
     config = _CONFIG.value
     configlib.validate(config)
+    # First: reading a checkpoint (to tell a text stage) would start the backend, after which
+    # jax.distributed can no longer start. A no-op on one plain host.
+    d = config.distributed
+    parallel.initialize_distributed(d.coordinator, d.num_processes, d.process_id)
     if config.get("compilation_cache_dir"):  # before anything compiles; shared by every host and rerun
         import jax
 
@@ -221,8 +225,6 @@ def run(command: str) -> None:
         return
     if not flags.FLAGS["config"].present:
         raise UsageError(f"`rectflow {command}` needs --config (e.g. configs/digits.py)")
-    d = config.distributed
-    parallel.initialize_distributed(d.coordinator, d.num_processes, d.process_id)
     progress = not _QUIET.value
     if command == "train":
         if _PAIRS.value and not _CHECKPOINT.value:
@@ -273,15 +275,13 @@ def _text_to_image(config, path: str, stage: bool):
 
 def evaluate_text_to_image(config, path: str, out: str, stage: bool, progress: bool) -> None:
     """FID and CLIP score at the config's protocol (rectflow_jax/text_eval.py)."""
-    from rectflow_jax import parallel, sampling, text_eval
+    from rectflow_jax import sampling, text_eval
 
     if not config.eval.get("protocol"):
         raise UsageError(f"{path!r} is a text-to-image model: evaluate it with a protocol config, "
                          "--config configs/coco2017_5k.py or configs/coco2014_30k.py")
     text_eval.Protocol.from_config(config.eval)  # missing files fail before the minutes of loading
     sampling.check_method(config.sample.method)
-    d = config.distributed
-    parallel.initialize_distributed(d.coordinator, d.num_processes, d.process_id)  # each host: its own shards
     metrics = text_eval.evaluate_text_to_image(config, _text_to_image(config, path, stage), out, progress)
     if metrics is not None:
         print(json.dumps(metrics, indent=2))

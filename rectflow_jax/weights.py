@@ -364,7 +364,12 @@ def placement(template: Mapping[str, Any], shardings: Any = None,
         # alias an aligned view, and the params would then change or fault with the file.
         if not value.flags.owndata:
             value = value.copy()
-        return jax.device_put(value, by_path(path))
+        sharding = by_path(path)
+        if sharding is not None and not sharding.is_fully_addressable:
+            # Across processes each takes its own shards of its own read: device_put would
+            # all-gather every tensor to check that the hosts agree.
+            return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+        return jax.device_put(value, sharding)
 
     return place
 
