@@ -141,3 +141,16 @@ def test_source_spec_tells_sources_apart():
     assert spec(name="2gmm") != spec(name="moons") and "-5.0" in spec(name="2gmm")
     assert spec(name="digits") != spec(name="digits", image_size=16)
     assert spec(name="digits") == spec(name="digits", class_conditional=True)
+
+
+@pytest.mark.parametrize("name", ["2gmm", "digits_text"])
+def test_the_global_batch_of_a_step_does_not_depend_on_the_process_count(name):
+    """Processes joined give the single process's batch: a run on 2 hosts trains on the same data."""
+    config = {"name": name} if name == "2gmm" else {"name": name, "image_size": 8}
+    data = get_dataset(config)
+    for step in (0, 7):
+        whole = next(data.batches(12, 3, step))
+        for count in (2, 3, 4):
+            parts = [next(data.batches(12 // count, 3, step, shard=(i, count))) for i in range(count)]
+            for key in whole:
+                np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key], err_msg=key)

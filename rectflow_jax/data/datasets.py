@@ -8,7 +8,10 @@ Every dataset is a `Dataset` made by `get_dataset(config.data)`:
     {'x1': float32 (B, *shape), 'label': int32 (B,) when num_classes > 0}. Batch k depends
     only on (seed, k, shard), so `batches(B, seed, start_step=k)` resumes a run exactly.
     `shard=(index, count)`: this process's disjoint share when several processes each
-    load their own part of a global batch (`count` shards of `batch_size` each).
+    load their own part of a global batch (`count` shards of `batch_size` each): rows
+    [index * batch_size, (index + 1) * batch_size) of the step's global batch, which the
+    toys and array data (digits, digits_text) make alike for any count. TFDS data splits
+    its examples by process instead (tfds.even_splits), so its order depends on the count.
   - `reference(n, seed=0)`: n real samples for evaluation: {'x1', and 'label' whenever
     the data has labels, conditional or not (evaluators classify samples with them)}.
 
@@ -105,8 +108,11 @@ class ToyDataset(Dataset):
         index, count = _check_shard(shard)
         step = start_step
         while True:
-            rng = np.random.default_rng((seed, _TRAIN_STREAM, step * count + index))
-            yield {"x1": self.sample_data(rng, batch_size).astype(np.float32)}
+            # The global batch of the step, of which this process keeps its rows: the data a
+            # step sees does not depend on the number of processes.
+            rng = np.random.default_rng((seed, _TRAIN_STREAM, step))
+            rows = self.sample_data(rng, batch_size * count)[index * batch_size:(index + 1) * batch_size]
+            yield {"x1": rows.astype(np.float32)}
             step += 1
 
     def reference(self, n: int, seed: int = 0) -> Batch:
@@ -193,11 +199,12 @@ class ArrayDataset(Dataset):
             for epoch in np.unique(epochs):
                 order = np.random.default_rng((seed, _TRAIN_STREAM, int(epoch))).permutation(size)
                 indices[epochs == epoch] = order[offsets[epochs == epoch]]
-            yield self._training_batch(indices, (seed, step * count + index))
+            yield self._training_batch(indices, (seed, step), (index * batch_size, count * batch_size))
             step += 1
 
-    def _training_batch(self, indices: np.ndarray, stream: tuple[int, int]) -> Batch:
-        """The batch of examples `indices`; `stream` (seed, batch number) seeds any per-batch draw."""
+    def _training_batch(self, indices: np.ndarray, stream: tuple[int, int], rows: tuple[int, int]) -> Batch:
+        """The batch of examples `indices`. `stream` (seed, step) seeds any per-batch draw, made for the
+        whole global batch, of which these are rows (offset, global size) = `rows`."""
         return self._take(indices, with_labels=bool(self.num_classes))
 
     def reference(self, n: int, seed: int = 0) -> Batch:
@@ -248,10 +255,11 @@ class TextDigits(ArrayDataset):
     templates: tuple[str, ...] = ()
     held_out_templates: tuple[str, ...] = ()
 
-    def _training_batch(self, indices: np.ndarray, stream: tuple[int, int]) -> Batch:
-        seed, batch_number = stream
-        choice = np.random.default_rng((seed, _PROMPT_STREAM, batch_number)).integers(len(self.templates),
-                                                                                       size=len(indices))
+    def _training_batch(self, indices: np.ndarray, stream: tuple[int, int], rows: tuple[int, int]) -> Batch:
+        seed, step = stream
+        offset, global_size = rows
+        choice = np.random.default_rng((seed, _PROMPT_STREAM, step)).integers(len(self.templates), size=global_size)
+        choice = choice[offset:offset + len(indices)]
         texts = [digit_prompts.prompt(self.templates[c], int(self.labels[i])) for c, i in zip(choice, indices)]
         return {"x1": self.images[indices], "prompt": np.asarray(texts, dtype=str)}
 
