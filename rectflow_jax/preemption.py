@@ -9,17 +9,23 @@ resumes (launch/slurm.sbatch requeues on it).
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 
 import jax
 import numpy as np
 
+log = logging.getLogger("rectflow")
+
 # EX_TEMPFAIL from sysexits.h: "try again later". launch/slurm.sbatch requeues on it.
 PREEMPTED_EXIT_CODE = 75
 
 _signalled = threading.Event()
 _installed = False
+# Agreement points so far: JAX's sync point wants ids that only grow, and callers' steps restart
+# with every stage or pair set; every process makes the same calls, so the counts agree.
+_checks = 0
 
 
 class Preempted(RuntimeError):
@@ -50,20 +56,25 @@ def signalled() -> bool:
 
 
 def requested(step: int) -> bool:
-    """Whether to stop at this boundary: the same answer on every process.
+    """Whether to stop at boundary `step` (a training step, a shard): the same answer on every process.
 
     One process: its own flag. Several: the flags are OR-ed by a tiny all-gather, so a
     signal that reaches one host stops all of them at the same step; where JAX's
     preemption service runs (TPU, GPU clusters) its sync point also counts.
     """
+    global _checks
     if jax.process_count() == 1:
         return _signalled.is_set()
     from jax.experimental import multihost_utils
 
+    _checks += 1
+
     flags = multihost_utils.process_allgather(np.asarray(_signalled.is_set(), np.int32))
     stop = bool(np.any(flags))
     try:
-        stop = stop or multihost_utils.reached_preemption_sync_point(step)
+        stop = stop or multihost_utils.reached_preemption_sync_point(_checks)
     except RuntimeError:  # no preemption service in this runtime (CPU, or not enabled)
         pass
+    if stop:
+        log.info("stop requested: every process stops at %s", step)
     return stop
