@@ -78,6 +78,7 @@ def test_every_mesh_trains_like_one_device_and_fsdp_divides_the_state(model, tmp
     state_bytes = {"1x1x1": one_stats["argument_bytes"]}
     for name, sizes in MESHES.items():
         losses, stats = train_on_mesh(short_run(make()), tmp_path / name, mesh_of(sizes), monkeypatch)
+        print(f"{model} {name}: max relative loss difference {np.max(np.abs(losses - one) / np.abs(one)):.2e}")
         np.testing.assert_allclose(losses, one, rtol=1e-5, atol=1e-6, err_msg=f"mesh {name}")
         assert stats["mesh"] == dict(zip(parallel.MESH_AXES, sizes))
         state_bytes[name] = stats["argument_bytes"]
