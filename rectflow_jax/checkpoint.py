@@ -18,6 +18,8 @@ from typing import Any, Callable, Mapping, TypeVar
 import jax
 import orbax.checkpoint as ocp
 
+from rectflow_jax import storage
+
 
 T = TypeVar("T")
 
@@ -30,7 +32,9 @@ def _manager(directory: Path, *, save_every: int = 1, keep: int | None = None, r
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=0 if read_only else save_every, max_to_keep=keep, create=not read_only,
         read_only=read_only)
-    return ocp.CheckpointManager(directory.resolve(), options=options, item_names=("state", "meta"))
+    # Orbax wants an absolute directory; a gs:// URL is one already (and resolving it would make it local).
+    where = directory if storage.is_remote(directory) else Path(directory).resolve()
+    return ocp.CheckpointManager(where, options=options, item_names=("state", "meta"))
 
 
 def _read(directory: Path, read: Callable[[Any], T]) -> T:
@@ -60,7 +64,7 @@ class Checkpointer:
     """Saves train states of one stage; `restore_latest` resumes a killed run."""
 
     def __init__(self, stage_dir: str | Path, *, save_every: int, keep: int):
-        self.directory = Path(stage_dir) / "checkpoints"
+        self.directory = storage.path(stage_dir) / "checkpoints"
         self.manager = _manager(self.directory, save_every=save_every, keep=keep)
 
     def latest_step(self) -> int | None:
@@ -87,7 +91,7 @@ class Checkpointer:
 
 
 def _checkpoint_dir(stage_dir: str | Path) -> Path:
-    stage = Path(stage_dir)
+    stage = storage.path(stage_dir)
     if not stage.exists():
         raise CheckpointError(f"checkpoint {str(stage)!r} does not exist")
     directory = stage / "checkpoints"
@@ -97,7 +101,7 @@ def _checkpoint_dir(stage_dir: str | Path) -> Path:
 
 
 def latest_step(stage_dir: str | Path) -> int | None:
-    directory = Path(stage_dir) / "checkpoints"
+    directory = storage.path(stage_dir) / "checkpoints"
     if not directory.is_dir():
         return None
     return _read(directory, lambda manager: manager.latest_step())
@@ -166,7 +170,5 @@ def json_hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    tmp.replace(path)
+def write_json(path: str | Path, payload: Mapping[str, Any]) -> None:
+    storage.write_json(path, payload)  # path.tmp, then renamed: local or gs://

@@ -247,20 +247,23 @@ def run(command: str) -> None:
         result.pop("outputs"), result.pop("trajectory")
         text = json.dumps(result, indent=2)
         if _OUT.value:
-            Path(_OUT.value).mkdir(parents=True, exist_ok=True)
-            (Path(_OUT.value) / "metrics.json").write_text(text)
+            from rectflow_jax import storage
+
+            out = storage.path(_OUT.value)
+            out.mkdir(parents=True, exist_ok=True)
+            storage.write_text_atomic(out / "metrics.json", text)
         print(text)
     elif command == "pipeline":
         work = _need(_WORKDIR, command)
         report = pipeline.run_pipeline(config, work, progress=progress)
         print(json.dumps(report["claims"], indent=2))
-        print(f"report: {Path(work) / 'report' / 'report.md'}")
+        print(f"report: {str(work).rstrip('/')}/report/report.md")
 
 
 def _is_text_stage(path: str) -> bool:
-    from rectflow_jax import teachers
+    from rectflow_jax import storage, teachers
 
-    return (Path(path) / "checkpoints").is_dir() and teachers.is_sd_teacher(path)
+    return (storage.path(path) / "checkpoints").is_dir() and teachers.is_sd_teacher(path)
 
 
 def _text_to_image(config, path: str, stage: bool):

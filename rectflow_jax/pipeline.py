@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rectflow_jax import (batch_runner, checkpoint, configlib, evaluate, flow, models, parallel, perceptual, plots,
-                          preemption, sampling, sd_folder, teachers, train)
+                          preemption, sampling, sd_folder, storage, teachers, train)
 from rectflow_jax.configlib import ConfigError
 from rectflow_jax.data import datasets, pairs as pair_io
 from rectflow_jax.models import sd_velocity
@@ -99,7 +98,7 @@ def train_stage(config, stage_dir: str | Path, kind: str, *, name: str | None = 
                 progress: bool = True) -> Path:
     """Trains one stage: kind 'rf' (from data), 'reflow' (from pairs) or 'distill' (from pairs)."""
     stage_config = configlib.stage_config(config, kind)
-    stage_dir = Path(stage_dir)
+    stage_dir = storage.path(stage_dir)
     dataset = datasets.get_dataset(stage_config.data)
     if kind != "rf" and pairs_dir is None:
         raise ConfigError(f"a {kind} stage trains on pairs: give --pairs DIR (made by `rectflow pairs`)")
@@ -190,14 +189,14 @@ def stage_tokenizer(stage_dir: str | Path, dataset, model, teacher_dir: str | Pa
     """
     from rectflow_jax import tokenizer as bpe
 
-    target = Path(stage_dir) / "tokenizer"
+    target = storage.path(stage_dir) / "tokenizer"
     if not target.is_dir():
-        staging = Path(stage_dir) / f".tokenizer.{jax.process_index()}"
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = storage.path(stage_dir) / f".tokenizer.{jax.process_index()}"
+        storage.remove_tree(staging)
         if teacher_dir is not None:
-            if not (Path(teacher_dir) / "tokenizer").is_dir():
+            if not (storage.path(teacher_dir) / "tokenizer").is_dir():
                 raise teachers.IncompatibleTeacher(f"teacher {str(teacher_dir)!r} keeps no tokenizer/ of its own")
-            shutil.copytree(Path(teacher_dir) / "tokenizer", staging)
+            storage.copy_tree(storage.path(teacher_dir) / "tokenizer", staging)
         else:
             if not hasattr(dataset, "prompt_source"):
                 raise ConfigError(f"a text model trained from scratch learns its tokenizer from captioned data; "
@@ -207,7 +206,7 @@ def stage_tokenizer(stage_dir: str | Path, dataset, model, teacher_dir: str | Pa
         try:
             staging.rename(target)
         except OSError:  # another process got there first: theirs is the same tokenizer
-            shutil.rmtree(staging, ignore_errors=True)
+            storage.remove_tree(staging)
     tokenizer = sd_folder.load_tokenizer(stage_dir)
     if len(tokenizer) > model.text_encoder.vocab_size:
         raise ConfigError(f"the tokenizer in {str(target)!r} has {len(tokenizer)} tokens, more than "
@@ -287,7 +286,7 @@ def generate_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *, prog
             "num_steps": cfg.num_steps, "method": cfg.method, "seed": config.seed}
     pair_io.write_pair_shards(out_dir, make_shard, num_shards, meta, notes={"teacher": str(teacher_dir)},
                               progress=progress, stop_requested=preemption.requested)
-    return Path(out_dir)
+    return storage.path(out_dir)
 
 
 # The pairs.json entries of text triplets beyond PAIRS_IDENTITY that define them.
@@ -369,7 +368,7 @@ def generate_text_pairs(config, teacher_dir: str | Path, out_dir: str | Path, *,
     if made["examples"]:
         log.info("pairs -> %s: %d triplets at %.2f images/s", out_dir, made["examples"],
                  made["examples"] / max(made["seconds"], 1e-9))
-    return Path(out_dir)
+    return storage.path(out_dir)
 
 
 def sample(config, checkpoint_dir: str | Path, out_dir: str | Path) -> dict[str, np.ndarray]:
@@ -398,15 +397,15 @@ def sample(config, checkpoint_dir: str | Path, out_dir: str | Path) -> dict[str,
         result["x1"] = np.clip(result["x1"], -1.0, 1.0)
     if jax.process_index() != 0:
         return result
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if len(dataset.shape) == 3:
         plots.save_png(plots.image_grid(result["x1"][:256], upscale=max(1, 32 // dataset.shape[0])), out / "grid.png")
     else:
-        title = f"{Path(checkpoint_dir).name}: {cfg.num_steps} {cfg.method} steps"
+        title = f"{storage.path(checkpoint_dir).name}: {cfg.num_steps} {cfg.method} steps"
         plots.save_png(plots.trajectory_figure(np.swapaxes(paths, 0, 1), dataset.reference(2000)["x1"],
                                                title=title), out / "trajectories.png")
-    np.savez(out / "samples.npz", **result)
+    storage.save_npz(out / "samples.npz", result)
     return result
 
 
@@ -433,7 +432,7 @@ def run_pipeline(config, workdir: str | Path, *, progress: bool = True) -> dict[
     """
     if hasattr(datasets.get_dataset(config.data), "prompt_source"):
         return run_text_pipeline(config, workdir, progress=progress)
-    work = Path(workdir)
+    work = storage.path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     plan = [
         ("1rf", lambda: train_stage(config, work / "1rf", "rf", progress=progress)),
@@ -460,7 +459,7 @@ def write_report(config, workdir: str | Path) -> dict[str, Any]:
 
     Every process evaluates alike and returns the report; process 0 alone draws and writes it.
     """
-    work = Path(workdir)
+    work = storage.path(workdir)
     out = work / "report"
     writes = jax.process_index() == 0
     if writes:
@@ -560,7 +559,7 @@ def run_text_pipeline(config, workdir: str | Path, *, progress: bool = True) -> 
     W/pairs_2rf -> one-step distillation W/distill. A velocity folder (a 2-RF release) is
     straight already: W/pairs_teacher -> W/distill. Reruns resume.
     """
-    work = Path(workdir)
+    work = storage.path(workdir)
     teacher = config.teacher.get("pretrained")
     trains_teacher = not teacher
     plan = []

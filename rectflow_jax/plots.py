@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from rectflow_jax import storage
+
 
 def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1, upscale: int = 1) -> np.ndarray:
     """(N, H, W, C) in [-1, 1] -> one (rows*H, cols*W, 3) uint8 grid."""
@@ -27,8 +29,11 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1, upsca
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
-    Image.fromarray(np.asarray(array, np.uint8)).save(path)
-    return Path(path)
+    buffer = io.BytesIO()  # PIL opens only local files: encode here, write through storage (local or gs://)
+    Image.fromarray(np.asarray(array, np.uint8)).save(buffer, format="PNG")
+    target = storage.path(path)
+    target.write_bytes(buffer.getvalue())
+    return target
 
 
 def _figure_to_array(fig) -> np.ndarray:

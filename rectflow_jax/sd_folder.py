@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rectflow_jax import diffusion
+from rectflow_jax import diffusion, storage
 from rectflow_jax.weights import WeightLoadError
 
 # model_index.json component -> the classes we can load for it.
@@ -40,11 +40,13 @@ DEFAULT_SCHEDULER = {"_class_name": "DPMSolverMultistepScheduler", "num_train_ti
 
 
 def is_pipeline_folder(path: str | os.PathLike) -> bool:
-    return (Path(path) / "model_index.json").is_file()
+    return (storage.path(path) / "model_index.json").is_file()  # a remote folder is one too, refused when read
 
 
 def read_model_index(folder: str | os.PathLike) -> dict[str, Any]:
     """model_index.json of a pipeline folder, checked to name components we can load."""
+    # Its weights are read by local-only loaders (weights.py, transformers): refuse a gs:// folder here, first.
+    storage.require_local(folder, "pretrained folder", WeightLoadError)
     root = Path(folder)
     if not root.is_dir():
         raise WeightLoadError(f"pretrained folder {str(root)!r} does not exist or is not a directory")
@@ -67,6 +69,7 @@ def read_model_index(folder: str | os.PathLike) -> dict[str, Any]:
 
 def read_scheduler_config(folder: str | os.PathLike) -> dict[str, Any] | None:
     """scheduler/scheduler_config.json of a pipeline folder, or None if it has none."""
+    storage.require_local(folder, "pretrained folder", WeightLoadError)
     path = Path(folder) / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         return None
@@ -107,11 +110,12 @@ def load_tokenizer(folder: str | os.PathLike):
     """transformers' CLIPTokenizer from `folder`/tokenizer (vocab.json + merges.txt, or tokenizer.json)."""
     from transformers import CLIPTokenizer  # transformers is slow to import; only text models need it
 
-    path = Path(folder) / "tokenizer"
+    path = storage.path(folder) / "tokenizer"
     if not path.is_dir():
         raise WeightLoadError(f"subfolder 'tokenizer' is missing from {str(folder)!r}")
     try:
-        return CLIPTokenizer.from_pretrained(path)
+        with storage.local_copy(path) as local:  # a stage's own tokenizer may be on gs://; transformers reads local
+            return CLIPTokenizer.from_pretrained(Path(local))
     except Exception as err:  # transformers raises OSError, ValueError, TypeError... for a broken folder
         raise WeightLoadError(f"{str(path)!r} is not a readable CLIP tokenizer: {err}") from err
 
@@ -120,6 +124,7 @@ def fingerprint(folder: str | os.PathLike) -> str:
     """A hash naming a folder's contents: every config and tokenizer file, and each weight file's size
     and first MiB (header and leading tensors). Cheap next to hashing GBs, and it changes when the
     weights are retrained or re-exported; a teacher folder is named by it in pairs.json."""
+    storage.require_local(folder, "pretrained folder", WeightLoadError)
     root = Path(folder)
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
@@ -142,6 +147,7 @@ def write_pipeline_folder(out: str | os.PathLike, models: dict[str, Any], params
     diffusers needs but the velocity sampler ignores, no safety checker or feature extractor.
     `models` / `params` hold 'unet', 'vae' and 'text_encoder'.
     """
+    storage.require_local(out, "export folder", WeightLoadError)  # save_pretrained writes local files only
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("unet", "vae", "text_encoder"):

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from rectflow_jax import checkpoint, diffusion, models, parallel, sampling, sd_folder, train, weights
+from rectflow_jax import checkpoint, diffusion, models, parallel, sampling, sd_folder, storage, train, weights
 from rectflow_jax.data import datasets
 from rectflow_jax.models.clip_text import CLIPTextModel
 from rectflow_jax.models.sd_unet import UNet2DConditionModel
@@ -119,7 +119,7 @@ def load_velocity_teacher(stage_dir: str | Path, *, expected_shape: tuple[int, .
     model = models.build_velocity_model(meta["model"], shape, num_classes)
     params = checkpoint.restore_params(stage_dir, train.abstract_params(model, shape, num_classes, mesh,
                                                                         _rules(mesh, rules)))
-    return VelocityTeacher(Path(stage_dir), model, params, shape, num_classes, meta, step)
+    return VelocityTeacher(storage.path(stage_dir), model, params, shape, num_classes, meta, step)
 
 
 # ----------------------------------------------------------------------------- SD teachers
@@ -307,7 +307,7 @@ def is_sd_teacher(path: str | Path) -> bool:
     """Whether `path` is a diffusers folder or a stage of model 'sd_unet' (else: one of our velocity stages)."""
     if sd_folder.is_pipeline_folder(path):
         return True
-    if not (Path(path) / "checkpoints").is_dir():
+    if not (storage.path(path) / "checkpoints").is_dir():
         raise IncompatibleTeacher(f"teacher {str(path)!r} is neither a rectflow stage directory (checkpoints/) "
                                   "nor a diffusers pipeline folder (model_index.json)")
     meta, _ = checkpoint.read_meta(path)

@@ -46,7 +46,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from rectflow_jax import batch_runner, evaluate, plots, sampling, sd_folder
+from rectflow_jax import batch_runner, evaluate, plots, sampling, sd_folder, storage
 from rectflow_jax import text_to_image as t2i
 from rectflow_jax.data import coco
 from rectflow_jax.data.coco import EvalDataError
@@ -81,6 +81,8 @@ class Protocol:
         if missing:
             raise EvalDataError(f"the {eval_config.protocol} protocol needs "
                                 + ", ".join(f"--config.eval.{key}" for key in missing))
+        for key in ("inception_weights", "clip_model"):  # read by libraries that open local files only
+            storage.require_local(eval_config[key], f"eval.{key}", EvalDataError)
         source = coco.CocoSource.from_config(eval_config)
         if not Path(eval_config.inception_weights).is_file():
             raise EvalDataError(f"eval.inception_weights={eval_config.inception_weights!r} is not an existing file")
@@ -138,9 +140,9 @@ def reference_statistics(protocol: Protocol, pairs: Sequence[coco.CocoPair], mea
     identity = {"protocol": protocol.name, "fid_resolution": protocol.fid_resolution, "preprocess": PREPROCESS,
                 "inception": measures.inception_fingerprint, **protocol.source.identity(pairs)}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(protocol.stats_dir) / f"{protocol.name}_{key}.npz"
+    path = storage.path(protocol.stats_dir) / f"{protocol.name}_{key}.npz"
     if path.is_file():
-        with np.load(path) as stored:
+        with path.open("rb") as handle, np.load(handle) as stored:
             log.info("reference statistics: %s (cached)", path)
             return stored["mu"], stored["sigma"], path
     chunk = max(protocol.batch_size, 256)
@@ -155,9 +157,8 @@ def reference_statistics(protocol: Protocol, pairs: Sequence[coco.CocoPair], mea
                 bar.update(len(images))
     mu, sigma = evaluate.gaussian_statistics(np.concatenate(features))
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial.npz")
-    np.savez(partial, mu=mu, sigma=sigma, num_images=len(pairs), identity=json.dumps(identity))
-    os.replace(partial, path)
+    storage.save_npz(path, dict(mu=mu, sigma=sigma, num_images=len(pairs), identity=json.dumps(identity)),
+                     tmp_suffix=".partial.npz")
     log.info("reference statistics: %s (%d images)", path, len(pairs))
     return mu, sigma, path
 
@@ -193,9 +194,8 @@ def _check_resume(out: Path, settings: dict) -> None:
                                 "--out or delete it")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        partial = record.with_name(f"eval.json.{os.getpid()}.partial")  # processes may write it at once
-        partial.write_text(json.dumps(settings, indent=2))
-        os.replace(partial, record)
+        # Processes may write it at once: each under its own temporary name.
+        storage.write_json(record, settings, tmp_suffix=f".{os.getpid()}.partial", sort_keys=False)
 
 
 def _shard_path(out: Path, k: int) -> Path:
@@ -246,7 +246,7 @@ def evaluate_text_to_image(config, pipe: t2i.TextToImage, out: str | os.PathLike
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     protocol = Protocol.from_config(config.eval)
-    out = Path(out)
+    out = storage.path(out)
     pairs = protocol.pairs()
     measures = Measures(protocol)
     settings = run_settings(config, pipe, protocol, measures)
@@ -271,9 +271,7 @@ def evaluate_text_to_image(config, pipe: t2i.TextToImage, out: str | os.PathLike
                  "generate_seconds": generate.seconds - seconds, "generate_timed": generate.timed - timed}
         path = _shard_path(out, k)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial.npz")
-        np.savez(partial, **shard)
-        os.replace(partial, path)  # a shard exists whole or not at all
+        storage.save_npz(path, shard, tmp_suffix=".partial.npz")  # a shard exists whole or not at all
 
     if process_index != 0:
         return None
@@ -300,7 +298,7 @@ def _summarise(out: Path, num_shards: int, num_images: int, mu_ref: np.ndarray, 
     features, scores, seconds, timed = [], [], 0.0, 0
     grid, grid_prompts = [], []
     for k in range(num_shards):
-        with np.load(_shard_path(out, k)) as shard:
+        with _shard_path(out, k).open("rb") as handle, np.load(handle) as shard:  # members read as needed
             features.append(shard["inception"])
             scores.append(shard["clip_score"])
             seconds += float(shard["generate_seconds"])

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rectflow_jax import checkpoint, evaluate, flow, plots, sampling
+from rectflow_jax import batch_runner, checkpoint, evaluate, flow, plots, sampling, storage
 from rectflow_jax import text_to_image as t2i
 from rectflow_jax.data import datasets, digit_prompts
 
@@ -93,19 +93,26 @@ def _prompt_set(dataset, held_out: bool, num_samples: int, seed: int, latent_sha
 
 
 def _straightness(pipe: t2i.TextToImage, ids: np.ndarray, x0: np.ndarray, method: str, num_steps: int,
-                  scale: float) -> float:
+                  scale: float, batch_size: int) -> float:
+    """Mean straightness of the guided ODE from (x0, prompt) pairs, solved by the one sampling driver."""
     guided = sampling.guidance_applies(scale)
-    negative = pipe.teacher.text.negative_ids("")
-    solve = jax.jit(lambda params, x0, ids: pipe.teacher.solution(
-        params, x0, ids, negative, np.float32(scale), method=method, num_steps=num_steps, guided=guided,
-        return_trajectory=True))
-    solution = solve({k: pipe.params[k] for k in ("unet", "text_encoder")}, x0, ids)
-    return float(flow.straightness(solution.trajectory, solution.times, solution.velocities))
+
+    def solve(consts, x0, ids):
+        solution = pipe.teacher.solution(consts["params"], x0, ids, consts["negative"], consts["scale"],
+                                         method=method, num_steps=num_steps, guided=guided, return_trajectory=True)
+        # Per row, so the padding of a ragged last chunk drops out of the mean.
+        return jax.vmap(lambda path, v: flow.straightness(path[:, None], solution.times, v[:, None]),
+                        in_axes=(1, 1))(solution.trajectory, solution.velocities)
+
+    runner = batch_runner.BatchRunner(solve, batch_size, mesh=pipe.mesh)
+    consts = {"params": {k: pipe.params[k] for k in ("unet", "text_encoder")},
+              "negative": pipe.teacher.text.negative_ids(""), "scale": np.float32(scale)}
+    return float(np.mean(runner.full(consts, x0, ids)))
 
 
 def write_digits_text_report(config, workdir: str | Path, *, straightness_samples: int = 200) -> dict[str, Any]:
     """workdir/report: report.md (tables and claims), metrics.json, and a grid per stage and prompt set."""
-    work = Path(workdir)
+    work = storage.path(workdir)
     out = work / "report"
     out.mkdir(parents=True, exist_ok=True)
     dataset = datasets.get_dataset(config.data)
@@ -133,7 +140,7 @@ def write_digits_text_report(config, workdir: str | Path, *, straightness_sample
         _, method, steps, scale = runs[run]
         pipe = pipes[stage]
         straightness[stage] = _straightness(pipe, pipe.tokenize(train_set["prompt"][picks]), train_set["x0"][picks],
-                                            method, steps, scale)
+                                            method, steps, scale, int(config.sample.batch_size))
     real = real_data_row(dataset, int(config.eval.num_samples), seed=1)
     pictures = _grids(out, samples, sets, runs)
     claims = _claims(config, results)
@@ -223,7 +230,7 @@ def write_text_report(config, workdir: str | Path, *, reflow: bool) -> dict[str,
     N-step solution (the distilled student against 2-RF's); reflow should shrink it well
     below the teacher's. A grid shows the decoded latents, one row per (model, steps).
     """
-    work = Path(workdir)
+    work = storage.path(workdir)
     out = work / "report"
     out.mkdir(parents=True, exist_ok=True)
     prompt_source = datasets.get_dataset(config.data).prompt_source()

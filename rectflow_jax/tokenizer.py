@@ -25,6 +25,8 @@ from typing import Iterable, Mapping, Sequence
 # `regex` (installed with transformers, a dependency) for \p{L} / \p{N}, CLIP's own pattern.
 import regex
 
+from rectflow_jax import storage
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 EOW = "</w>"
 # CLIP's pre-tokenizer: special tokens, English contractions, letter runs, single digits, other runs.
@@ -187,7 +189,7 @@ def encode_words(text: str, vocab: Mapping[str, int], merges: Sequence[Sequence[
 def write_tokenizer(folder: str | Path, vocab: Mapping[str, int], merges: Sequence[Sequence[str]], *,
                     model_max_length: int = 77) -> dict[str, int]:
     """A CLIP tokenizer folder as released (vocab.json, merges.txt, configs); returns the vocab."""
-    folder = Path(folder)
+    folder = storage.path(folder)  # a stage's tokenizer/ may be on gs://
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
@@ -206,4 +208,5 @@ def build_corpus_tokenizer(texts: Iterable[str], folder: str | Path, *, model_ma
     import transformers  # slow to import; only this function needs it
 
     write_tokenizer(folder, *learn_bpe(texts, max_merges=max_merges), model_max_length=model_max_length)
-    return transformers.CLIPTokenizer.from_pretrained(folder)
+    with storage.local_copy(folder) as local:  # transformers reads local folders only
+        return transformers.CLIPTokenizer.from_pretrained(local)

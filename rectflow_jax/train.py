@@ -25,7 +25,7 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
-from rectflow_jax import checkpoint, configlib, diffusion, flow, models, parallel, preemption, sampling
+from rectflow_jax import checkpoint, configlib, diffusion, flow, models, parallel, preemption, sampling, storage
 
 log = logging.getLogger("rectflow")
 
@@ -390,7 +390,7 @@ def train(config, stage_dir: str | Path, stage: Stage, *, mesh=None, progress: b
     `config` is the stage's merged config (rectflow_jax.configlib.stage_config).
     Checkpoints go to stage_dir/checkpoints, TensorBoard logs to stage_dir/tensorboard.
     """
-    stage_dir = Path(stage_dir)
+    stage_dir = storage.path(stage_dir)  # gs:// stays a URL: checkpoints, compiled.json, TensorBoard
     mesh = mesh or parallel.make_mesh(config.mesh.to_dict())
     rules = parallel.logical_rules(config.sharding_rules.to_dict())
     local_batch = parallel.check_batch_size(config.train.batch_size, mesh)
@@ -548,7 +548,7 @@ def _summary_writer(directory: Path):
         return None
     import tensorflow as tf
 
-    return tf.summary.create_file_writer(str(directory))
+    return tf.summary.create_file_writer(str(directory))  # tf writes gs:// itself, given the URL
 
 
 def _write_scalars(values: Mapping[str, float]) -> None:

@@ -114,6 +114,9 @@ def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
 
 
 def resolve_folder(folder: str | os.PathLike, subfolder: str | None = None) -> Path:
+    from rectflow_jax import storage
+
+    storage.require_local(folder, "pretrained folder", WeightLoadError)
     root = Path(folder)
     if not root.is_dir():
         raise WeightLoadError(f"pretrained folder {str(root)!r} does not exist or is not a directory")

@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import queue
 import struct
 import threading
@@ -29,6 +28,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from rectflow_jax import storage
 from rectflow_jax.preemption import Preempted
 
 META_FILE = "pairs.json"
@@ -74,7 +74,7 @@ def write_pair_shards(out_dir: str | Path, make_shard: Callable[[int], Mapping[s
     count = jax.process_count() if process_count is None else process_count
     if not 0 <= index < count:
         raise ValueError(f"process_index={index} is not one of process_count={count} processes")
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     meta = dict(meta, num_shards=num_shards)
     indices = list(range(num_shards)) if shard_indices is None else sorted({int(i) for i in shard_indices})
     if any(not 0 <= i < num_shards for i in indices):
@@ -106,11 +106,7 @@ def write_pair_shards(out_dir: str | Path, make_shard: Callable[[int], Mapping[s
                                                 disable=not progress or not todo or index != 0)):
         arrays = make_shard(shard_index)
         if shard_index % count == index:
-            path = out / shard_name(shard_index, num_shards)
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as handle:
-                np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})
-            os.replace(tmp, path)
+            storage.save_npz(out / shard_name(shard_index, num_shards), arrays)  # as .tmp, then renamed
         if stop_requested is not None and position < len(todo) - 1 and stop_requested(position):
             _barrier("write_pair_shards:stop")  # the owners have renamed their shards: all are complete
             raise Preempted(f"stopped after {position + 1} of {len(todo)} pair shards to make in {str(out)!r}; "
@@ -139,9 +135,7 @@ def _meta_refusal(out: Path, meta: Mapping[str, Any], notes: Mapping[str, Any] |
 
 
 def _write_meta(out: Path, meta: Mapping[str, Any]) -> None:
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(tmp, out / META_FILE)
+    storage.write_json(out / META_FILE, meta)
 
 
 def _gather(row: np.ndarray) -> np.ndarray:
@@ -185,7 +179,7 @@ def inspect_pairs(pair_dir: str | Path) -> dict[str, Any]:
     Besides pairs.json's entries: files (sorted), shard_lengths (pairs in each),
     num_pairs_found and keys.
     """
-    root = Path(pair_dir)
+    root = storage.path(pair_dir)
     if not root.is_dir():
         raise PairDataError(f"pair directory {str(root)!r} does not exist")
     meta_path = root / META_FILE
@@ -204,7 +198,7 @@ def inspect_pairs(pair_dir: str | Path) -> dict[str, Any]:
     shape, lengths_found, keys, batched = tuple(meta["shape"]), [], None, None
     for file in files:
         try:
-            with zipfile.ZipFile(file) as archive:
+            with file.open("rb") as handle, zipfile.ZipFile(handle) as archive:
                 names = {n[:-4] for n in archive.namelist() if n.endswith(".npy")}
                 if "x1" not in names or not any(set(keys) <= names for keys in SOURCE_KEYS):
                     raise PairDataError(f"shard {file.name} lacks arrays: it has {sorted(names)}, needs x1 and "
@@ -245,7 +239,7 @@ def _load_shard(path: str, keys: Sequence[str] | None = None,
     place in the file, not the rows before it; a compressed member is read whole.
     """
     try:
-        with open(path, "rb") as handle, zipfile.ZipFile(handle) as archive:
+        with storage.path(path).open("rb") as handle, zipfile.ZipFile(handle) as archive:
             names = [n[:-4] for n in archive.namelist() if n.endswith(".npy")] if keys is None else keys
             return {k: _read_rows(handle, archive, archive.getinfo(f"{k}.npy"), rows) for k in names}
     except Exception as err:  # a truncated or overwritten file shows only here
@@ -275,9 +269,18 @@ def _read_rows(handle, archive: zipfile.ZipFile, info: zipfile.ZipInfo, rows: tu
     handle.seek(info.header_offset + 30 + name_size + extra_size + header_size + start * row_bytes)
     out = np.empty((stop - start,) + shape[1:], dtype)
     wanted = out.nbytes
-    if wanted and handle.readinto(out.reshape(-1).view(np.uint8)) != wanted:
+    if wanted and _read_into(handle, out.reshape(-1).view(np.uint8)) != wanted:
         raise ValueError(f"{info.filename} is cut short")
     return out
+
+
+def _read_into(handle, buffer: np.ndarray) -> int:
+    """handle.readinto(buffer) where the file has it (local files); a gs:// file (tf.io.gfile) has only read."""
+    if hasattr(handle, "readinto"):
+        return handle.readinto(buffer)
+    data = handle.read(len(buffer))
+    buffer[:len(data)] = np.frombuffer(data, np.uint8)
+    return len(data)
 
 
 @dataclasses.dataclass(frozen=True)
