@@ -624,8 +624,8 @@ def _log_compiled(name: str, stats: dict, batch_size: int) -> None:
              "%.3f GiB temporaries, about %.3f GiB at peak", name, stats["devices"], stats["mesh"],
              stats["device_kind"], gib("argument_bytes"), gib("temp_bytes"), gib("peak_bytes_estimate"))
     if stats.get("flops_per_step"):
-        log.info("%s: %.4g TFLOPs per step of %d examples (XLA cost analysis)%s", name,
-                 stats["flops_per_step"] / 1e12, batch_size,
+        log.info("%s: %.4g GFLOPs per step of %d examples (XLA cost analysis)%s", name,
+                 stats["flops_per_step"] / 1e9, batch_size,
                  f"; peak {stats['peak_flops'] / 1e12:.0f} TFLOP/s per device (bf16)" if stats["peak_flops"] else "")
 
 

@@ -106,7 +106,7 @@ def _accumulation_setup(microbatches):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("devices", [1, 4])
+@pytest.mark.parametrize("devices", [4])  # one device: the same program without the sharding (CI time)
 def test_four_microbatches_of_8_make_the_step_of_one_batch_of_32(devices):
     mesh = mesh_of((devices, 1, 1))
     finals = {}
