@@ -16,6 +16,7 @@ setup(
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11.14",
         "ml_collections",
+        "etils[epath]",  # rectflow_jax/storage.py: local and gs:// paths (Orbax's own path layer)
         "absl-py",
         "tensorflow-cpu",
         "tensorflow-datasets",
