@@ -53,10 +53,10 @@ def place(consts: Any, mesh: Mesh, shardings: Any = None) -> Any:
     mesh, e.g. params restored sharded) is returned as it is, with no transfer."""
     if shardings is None:
         return jax.tree_util.tree_map(lambda value: value if _on_mesh(value, mesh) else
-                                      _put(value, parallel.replicated(mesh)), consts)
+                                      parallel.put(value, parallel.replicated(mesh)), consts)
     if isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree_util.tree_map(lambda value: _put(value, shardings), consts)
-    return jax.tree_util.tree_map(_put, consts, shardings)
+        return jax.tree_util.tree_map(lambda value: parallel.put(value, shardings), consts)
+    return jax.tree_util.tree_map(parallel.put, consts, shardings)
 
 
 def _on_mesh(value: Any, mesh: Mesh) -> bool:
@@ -64,17 +64,6 @@ def _on_mesh(value: Any, mesh: Mesh) -> bool:
         return False
     sharding = value.sharding
     return getattr(sharding, "mesh", None) == mesh or (mesh.size == 1 and sharding.device_set == set(mesh.devices.flat))
-
-
-def _put(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
-    if isinstance(value, jax.Array) and value.sharding.is_equivalent_to(sharding, value.ndim):
-        return value
-    if sharding.is_fully_addressable or (isinstance(value, jax.Array) and not value.is_fully_addressable):
-        return jax.device_put(value, sharding)  # on this host, or a reshard of a global array
-    # From the host across processes, each taking its own shards: every process holds the
-    # same value (device_put would check that by an all-gather of the whole array).
-    host = np.asarray(value)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def row_blocks(rows_of_process: dict[int, list[tuple[int, int]]], chunk: int) -> dict[int, tuple[int, int]]:

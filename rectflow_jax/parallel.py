@@ -167,10 +167,24 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def put(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """`value` laid out by `sharding`; an array already laid out so is returned as it is.
+
+    A host value (the same on every process) for a sharding across processes goes up as
+    each process's own shards: device_put would check the hosts agree by an all-gather of
+    the whole array.
+    """
+    if isinstance(value, jax.Array) and value.sharding.is_equivalent_to(sharding, value.ndim):
+        return value
+    if sharding.is_fully_addressable or (isinstance(value, jax.Array) and not value.is_fully_addressable):
+        return jax.device_put(value, sharding)  # on this host, or a reshard of a global array
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def replicate(value: np.ndarray, mesh: Mesh) -> jax.Array:
     """A host value (the same on every process) as one array replicated over the whole mesh."""
-    value = np.asarray(value)
-    return jax.make_array_from_callback(value.shape, replicated(mesh), lambda index: value[index])
+    return put(np.asarray(value), replicated(mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -24,6 +24,8 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from rectflow_jax import parallel
+
 # Segments that end in `_<digit>` but are plain attribute names in PyTorch.
 LITERAL_SEGMENTS = frozenset({"linear_1", "linear_2"})
 _INDEXED = re.compile(r"^(.+)_(\d+)$")
@@ -368,11 +370,8 @@ def placement(template: Mapping[str, Any], shardings: Any = None,
         if not value.flags.owndata:
             value = value.copy()
         sharding = by_path(path)
-        if sharding is not None and not sharding.is_fully_addressable:
-            # Across processes each takes its own shards of its own read: device_put would
-            # all-gather every tensor to check that the hosts agree.
-            return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-        return jax.device_put(value, sharding)
+        # Across processes each takes its own shards of its own read (parallel.put).
+        return jax.device_put(value) if sharding is None else parallel.put(value, sharding)
 
     return place
 

@@ -14,6 +14,7 @@ Activations between tensor-parallel projections are pinned by `constrain` with
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -50,10 +51,15 @@ def remat_policy_name(remat: bool | str) -> str:
     return name
 
 
-def rematerialised(cls: type, remat: bool | str) -> type:
-    """`cls` recomputed in the backward pass by policy `remat` (no wrapper for 'none')."""
+@functools.cache
+def rematerialised(cls: type, remat: bool | str, static_argnums: tuple[int, ...] = ()) -> type:
+    """`cls` recomputed in the backward pass by policy `remat` (no wrapper for 'none').
+
+    `static_argnums` (self is 0): Python-valued call arguments, such as a train flag.
+    Cached, so every block of a model shares one wrapped class.
+    """
     name = remat_policy_name(remat)
-    return cls if name == "none" else nn.remat(cls, policy=REMAT_POLICIES[name])
+    return cls if name == "none" else nn.remat(cls, policy=REMAT_POLICIES[name], static_argnums=static_argnums)
 
 
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:

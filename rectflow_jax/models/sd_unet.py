@@ -18,7 +18,6 @@ weights.UnsupportedConfigError (a NotImplementedError too) naming the key.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -72,11 +71,6 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-@functools.cache
-def _maybe_remat(cls: type, remat: str) -> type:
-    return rematerialised(cls, remat)
-
-
 @dataclasses.dataclass(frozen=True)
 class Shared:
     """Settings every block shares (one hashable field instead of seven)."""
@@ -94,7 +88,7 @@ class Shared:
 
     def resnet(self, out_channels: int, name: str, output_scale_factor: float = 1.0) -> nn.Module:
         """A ResnetBlock2D with these norm settings (rematerialised under `remat`), named `name`."""
-        block = _maybe_remat(ResnetBlock2D, self.remat)
+        block = rematerialised(ResnetBlock2D, self.remat)
         return block(out_channels, self.groups, self.eps, output_scale_factor, name=name, **self.kw)
 
 
@@ -161,7 +155,7 @@ class Transformer2DModel(nn.Module):
                 else (lambda f, name: conv(f, 1, name=name, **kw)))
         h = group_norm(s.groups, 1e-6, name="norm", **kw)(x)  # fixed 1e-6, not the UNet norm_eps
         h = proj(inner, "proj_in")(h).reshape(b, height * width, inner)
-        block = _maybe_remat(BasicTransformerBlock, s.remat)
+        block = rematerialised(BasicTransformerBlock, s.remat)
         for i in range(self.depth):
             h = block(self.heads, dim_head, s, name=f"transformer_blocks_{i}")(h, context)
         return x + proj(channels, "proj_out")(h.reshape(b, height, width, inner))

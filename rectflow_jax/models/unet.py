@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Mapping
 
@@ -11,9 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rectflow_jax.models.layers import (REMAT_POLICIES, class_labels, conv, dense, embed, group_norm,
-                                        multi_head_attention, remat_policy_name, sinusoidal_embedding,
-                                        upsample_nearest_2x)
+from rectflow_jax.models.layers import (class_labels, conv, dense, embed, group_norm, multi_head_attention,
+                                        rematerialised, sinusoidal_embedding, upsample_nearest_2x)
 
 # Residual branches start at zero so each block begins as the identity (DDPM init).
 _zeros = nn.initializers.zeros_init()
@@ -73,12 +71,6 @@ class _AttnBlock(nn.Module):
         return _merge(x, h.reshape(x.shape), self.skip_rescale)
 
 
-@functools.cache
-def _remat_block(cls: type, remat: bool | str, static: tuple[int, ...] = ()) -> type:
-    name = remat_policy_name(remat)
-    return cls if name == "none" else nn.remat(cls, policy=REMAT_POLICIES[name], static_argnums=static)
-
-
 class UNet(nn.Module):
     """x (B, H, W, C) in [-1, 1], t (B,) in [0, 1] -> v (B, H, W, C).
 
@@ -125,7 +117,7 @@ class UNet(nn.Module):
         attn = dict(skip_rescale=self.resblock_skip_rescale, **layer)
         temb_dim = 4 * self.ch
         # `train` (dropout on or off) is a Python bool: static for the rematerialised call.
-        ResBlock, AttnBlock = _remat_block(_ResBlock, self.remat, static=(3,)), _remat_block(_AttnBlock, self.remat)
+        ResBlock, AttnBlock = rematerialised(_ResBlock, self.remat, (3,)), rematerialised(_AttnBlock, self.remat)
 
         temb = dense(temb_dim, name="temb_0", **layer)(self._time_features(t))
         temb = dense(temb_dim, name="temb_1", **layer)(nn.silu(temb))
