@@ -33,7 +33,8 @@ setup(
     ],
     extras_require={
         # torch==2.13.0 is the CPU wheel on these machines; an unpinned torch pulls CUDA.
-        "test": ["pytest", "pytest-timeout", "torch==2.13.0", "diffusers", "transformers"],
+        # peft: what diffusers' load_lora_weights needs (the LoRA parity reference).
+        "test": ["pytest", "pytest-timeout", "torch==2.13.0", "diffusers", "transformers", "peft"],
         # Accelerator builds of jax: pip install -e ".[cuda12]" on GPU hosts, ".[tpu]" on TPU VMs.
         "cuda12": ["jax[cuda12]>=0.7"],
         "tpu": ["jax[tpu]>=0.7"],
