@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -39,6 +39,8 @@ from rectflow_jax.weights import WeightLoadError
 # DDIMScheduler), and DPM-Solver++'s (DPMSolverMultistepScheduler, to the data) for the others.
 DIFFUSION_GRIDS = {"ddim": "ddim", "dpm_solver++": "dpm_solver++", "euler": "dpm_solver++", "heun": "dpm_solver++"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Steppers that run backwards in time as well (inversion); DPM-Solver++'s history runs forwards only.
+INVERTIBLE_METHODS = ("euler", "heun", "ddim")
 
 
 class IncompatibleTeacher(ValueError):
@@ -125,6 +127,14 @@ def load_velocity_teacher(stage_dir: str | Path, *, expected_shape: tuple[int, .
 # ----------------------------------------------------------------------------- SD teachers
 
 
+class Control(NamedTuple):
+    """What a ControlNet adds to one solve: its params, the control image (1 or B, H, W, C) in
+    [0, 1] at the output size, and the residuals' scale (diffusers' controlnet_conditioning_scale)."""
+    params: Any
+    image: jax.Array
+    scale: jax.Array
+
+
 @dataclasses.dataclass
 class SDTeacher:
     unet: UNet2DConditionModel
@@ -136,6 +146,7 @@ class SDTeacher:
                             # model of ours (its text encoder and tokenizer are in its stage)
     source: str             # what it was loaded from (a folder or a stage directory)
     provenance: dict        # {'run_hash', 'step'}: a stage's checkpoint, or 'folder:<fingerprint>' and 0
+    controlnet: Any = None  # a ControlNetModel whose residuals `Control` inputs feed the UNet
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -170,44 +181,83 @@ class SDTeacher:
             raise sampling.SamplerError(str(err)) from None
 
     def velocity(self, unet_params: Any, schedule: diffusion.Schedule | None, y: jax.Array, t: jax.Array,
-                 context: jax.Array) -> jax.Array:
-        """v(y, t | context) in our time; a diffusion UNet after the change of variables."""
+                 context: jax.Array, control: Control | None = None) -> jax.Array:
+        """v(y, t | context) in our time; a diffusion UNet after the change of variables.
+
+        `control`: a ControlNet's residuals join the UNet's skips, computed from the same
+        sample, timestep and text (diffusers' StableDiffusionControlNetPipeline, without guess mode).
+        """
         if schedule is None:
-            return self.unet.apply({"params": unet_params}, y, (1.0 - t) * 1000.0, context)
-        x = diffusion.from_rf(y, t)
-        output = self.unet.apply({"params": unet_params}, x, diffusion.diffusion_timestep(schedule, t), context)
+            x, timesteps = y, (1.0 - t) * 1000.0
+        else:
+            x, timesteps = diffusion.from_rf(y, t), diffusion.diffusion_timestep(schedule, t)
+        residuals = {}
+        if control is not None:
+            if self.controlnet is None:
+                raise IncompatibleTeacher(f"{self.source!r}: control inputs given but no ControlNet is attached")
+            image = jnp.broadcast_to(control.image, (x.shape[0], *control.image.shape[1:]))
+            down, mid = self.controlnet.apply({"params": control.params}, x, timesteps, context, image, control.scale)
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        output = self.unet.apply({"params": unet_params}, x, timesteps, context, **residuals)
+        if schedule is None:
+            return output
         return diffusion.velocity_from_prediction(schedule.prediction_type, output, y, t)
 
-    def solve(self, params: Any, x0: jax.Array, ids: jax.Array, negative_ids: jax.Array, guidance_scale: jax.Array,
-              *, method: str, num_steps: int, guided: bool) -> jax.Array:
-        """Noise x0 (NHWC, N(0, I)) -> the final latent, as the folder's pipeline would make it.
+    def field(self, params: Any, ids: jax.Array, negative_ids: jax.Array, guidance_scale: jax.Array,
+              schedule: diffusion.Schedule | None, *, guided: bool,
+              control: Control | None = None) -> sampling.VelocityFn:
+        """The velocity field (y, t) -> v that every solve, inversion and trajectory integrates.
 
         With `guided` (callers decide by sampling.guidance_applies), v = v_u + s (v_c - v_u)
         with the negative prompt's ids (1, L) as the unconditional text, both halves in
         one UNet call; for a diffusion UNet that is guidance on its output, as in diffusers.
         """
-        schedule = self.schedule(method)
-        end = self.solution(params, x0, ids, negative_ids, guidance_scale, method=method, num_steps=num_steps,
-                            guided=guided).x1
-        return end if schedule is None else diffusion.from_rf(end, self.time_grid(method, num_steps)[-1])
-
-    def solution(self, params: Any, x0: jax.Array, ids: jax.Array, negative_ids: jax.Array,
-                 guidance_scale: jax.Array, *, method: str, num_steps: int, guided: bool,
-                 return_trajectory: bool = False) -> sampling.Solution:
-        """`solve`'s ODE solution in rectified-flow coordinates (y, t), with its trajectory if asked:
-        what straightness is measured on, for either kind of UNet."""
-        schedule = self.schedule(method)
-        times = jnp.asarray(self.time_grid(method, num_steps))
         if guided:
             text = self.text.encode(params["text_encoder"], jnp.concatenate([ids, negative_ids]))
             context = jnp.concatenate([text[:-1], jnp.broadcast_to(text[-1:], text[:-1].shape)])
         else:
             context = self.text.encode(params["text_encoder"], ids)
-        field = lambda y, t: self.velocity(params["unet"], schedule, y, t, context)
+        field = lambda y, t: self.velocity(params["unet"], schedule, y, t, context, control)
         if guided:
             field = sampling.classifier_free_guidance_batched(field, guidance_scale)
+        return field
+
+    def solve(self, params: Any, x0: jax.Array, ids: jax.Array, negative_ids: jax.Array, guidance_scale: jax.Array,
+              *, method: str, num_steps: int, guided: bool, control: Control | None = None) -> jax.Array:
+        """Noise x0 (NHWC, N(0, I)) -> the final latent, as the folder's pipeline would make it (see `field`)."""
+        schedule = self.schedule(method)
+        end = self.solution(params, x0, ids, negative_ids, guidance_scale, method=method, num_steps=num_steps,
+                            guided=guided, control=control).x1
+        return end if schedule is None else diffusion.from_rf(end, self.time_grid(method, num_steps)[-1])
+
+    def solution(self, params: Any, x0: jax.Array, ids: jax.Array, negative_ids: jax.Array,
+                 guidance_scale: jax.Array, *, method: str, num_steps: int, guided: bool,
+                 return_trajectory: bool = False, control: Control | None = None) -> sampling.Solution:
+        """`solve`'s ODE solution in rectified-flow coordinates (y, t), with its trajectory if asked:
+        what straightness is measured on, for either kind of UNet."""
+        schedule = self.schedule(method)
+        times = jnp.asarray(self.time_grid(method, num_steps))
+        field = self.field(params, ids, negative_ids, guidance_scale, schedule, guided=guided, control=control)
         start = x0 if schedule is None else diffusion.to_rf(x0, times[0])
         return sampling.integrate(field, start, method=method, times=times, return_trajectory=return_trajectory)
+
+    def invert(self, params: Any, x1: jax.Array, ids: jax.Array, negative_ids: jax.Array, guidance_scale: jax.Array,
+               *, method: str, num_steps: int, guided: bool, control: Control | None = None) -> jax.Array:
+        """A final latent x1 -> the noise x0 that `solve` (same settings) carries back to it, approximately.
+
+        The same field integrated over the same grid, backwards from t = 1 to t = 0. For a
+        diffusion UNet on DDIM's grid this is DDIM inversion (Euler in rectified-flow
+        coordinates, see rectflow_jax.diffusion); a straight flow needs few steps.
+        """
+        if method not in INVERTIBLE_METHODS:
+            raise sampling.SamplerError(f"inversion integrates backwards with one of {', '.join(INVERTIBLE_METHODS)}; "
+                                        f"{method!r} is a multistep solver whose history runs forwards only")
+        schedule = self.schedule(method)
+        times = jnp.asarray(self.time_grid(method, num_steps)[::-1].copy())
+        field = self.field(params, ids, negative_ids, guidance_scale, schedule, guided=guided, control=control)
+        start = x1 if schedule is None else diffusion.to_rf(x1, times[0])
+        end = sampling.integrate(field, start, method=method, times=times).x1
+        return end if schedule is None else diffusion.from_rf(end, times[-1])
 
 
 def load_sd_teacher(path: str | Path, *, dtype: str = "float32", prediction_type: str = "auto",

@@ -117,7 +117,10 @@ class TextToImage:
             self.provenance)
         self._runners: dict[tuple, batch_runner.BatchRunner] = {}
         self._decoders: dict[int, batch_runner.BatchRunner] = {}
+        self._encoders: dict[int, batch_runner.BatchRunner] = {}
         self.traces = 0  # how often the sampler was traced: one per compilation
+        self.loras: list[dict] = []  # {'file', 'scale', ...} of each LoRA merged into the params
+        self.controlnet_source = ""
         self._check_compatible()
 
     @classmethod
@@ -237,42 +240,108 @@ class TextToImage:
 
     def generate_ids(self, ids: np.ndarray, x0: np.ndarray, *, num_steps: int, guidance_scale: float = 1.0,
                      negative_ids: np.ndarray | None = None, method: str = "euler",
-                     decode: bool = True, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                     decode: bool = True, batch_size: int | None = None, control_image: np.ndarray | None = None,
+                     controlnet_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
         """`generate` from token ids (N, L) and, when guided, the negative prompt's ids (1, L).
 
         `batch_size`: run in chunks of this many (one compilation for any N); default all N at once.
 
         `method`: euler or heun for velocity UNets (euler, as InstaFlow's pipeline); ddim or
         dpm_solver++ (and euler / heun on DPM-Solver's grid) for diffusion UNets.
+
+        `control_image` (1, H, W, C) in [0, 1] at the output size (control_image.load_control_image),
+        with a ControlNet attached (`attach_controlnet`): its residuals, times `controlnet_scale`,
+        steer every UNet call, both halves of a guided one.
         """
-        x0 = np.asarray(x0, np.float32)
+        latents = self._run("solve", ids, x0, num_steps=num_steps, guidance_scale=guidance_scale,
+                            negative_ids=negative_ids, method=method, batch_size=batch_size,
+                            control_image=control_image, controlnet_scale=controlnet_scale)
+        return latents, (self.decode(latents, batch_size=batch_size or len(latents)) if decode else None)
+
+    def invert_ids(self, ids: np.ndarray, x1: np.ndarray, *, num_steps: int, guidance_scale: float = 1.0,
+                   negative_ids: np.ndarray | None = None, method: str = "euler", batch_size: int | None = None,
+                   control_image: np.ndarray | None = None, controlnet_scale: float = 1.0) -> np.ndarray:
+        """Final latents x1 -> the noise x0 that `generate_ids` with the same settings maps back onto
+        them (teachers.SDTeacher.invert: the same ODE, integrated from t = 1 to t = 0)."""
+        return self._run("invert", ids, x1, num_steps=num_steps, guidance_scale=guidance_scale,
+                         negative_ids=negative_ids, method=method, batch_size=batch_size,
+                         control_image=control_image, controlnet_scale=controlnet_scale)
+
+    def _run(self, direction: str, ids, x, *, num_steps, guidance_scale, negative_ids, method, batch_size,
+             control_image, controlnet_scale) -> np.ndarray:
+        x = np.asarray(x, np.float32)
         ids = np.asarray(ids, np.int32)
-        if len(ids) != len(x0):
-            raise ValueError(f"{len(ids)} prompts for {len(x0)} noise tensors")
+        if len(ids) != len(x):
+            raise ValueError(f"{len(ids)} prompts for {len(x)} latents")
         guided = sampling.guidance_applies(guidance_scale)
         if guided and negative_ids is None:
             raise ValueError("guidance_scale > 1 needs the negative prompt's ids")
         negative_ids = np.asarray(ids[:1] if negative_ids is None else negative_ids, np.int32)  # unused unguided
-        batch = batch_size or len(x0)
-        runner = self.runner(batch, num_steps=num_steps, method=method, guided=guided)
-        latents = runner.full((self.params, negative_ids, np.float32(guidance_scale)), x0, ids)
-        return latents, (self.decode(latents, batch_size=batch) if decode else None)
+        control = None
+        if control_image is not None:
+            control = (self._check_control_image(control_image, x.shape[1:3]), np.float32(controlnet_scale))
+        batch = batch_size or len(x)
+        runner = self.runner(batch, num_steps=num_steps, method=method, guided=guided, direction=direction)
+        return runner.full((self.params, negative_ids, np.float32(guidance_scale), control), x, ids)
 
-    def runner(self, batch: int, *, num_steps: int, method: str, guided: bool) -> batch_runner.BatchRunner:
-        """The batch runner of one (batch size, solver) setting; it compiles once per input shape."""
-        key = (batch, num_steps, method, guided)
+    def runner(self, batch: int, *, num_steps: int, method: str, guided: bool,
+               direction: str = "solve") -> batch_runner.BatchRunner:
+        """The batch runner of one (batch size, solver, direction) setting; it compiles once per input shape."""
+        key = (batch, num_steps, method, guided, direction)
         if key not in self._runners:
             # Once per setting: an unknown method or a scheduler this cannot honour fails before compiling.
             self.teacher.time_grid(method, num_steps)
-            solve = functools.partial(self._solve, num_steps=num_steps, method=method, guided=guided)
+            solve = functools.partial(self._solve, num_steps=num_steps, method=method, guided=guided,
+                                      direction=direction)
             self._runners[key] = batch_runner.BatchRunner(solve, batch, mesh=self.mesh)
         return self._runners[key]
 
-    def _solve(self, consts, x0, ids, *, num_steps: int, method: str, guided: bool):
+    def _solve(self, consts, x, ids, *, num_steps: int, method: str, guided: bool, direction: str):
         self.traces += 1  # Python side effect: runs once per trace
-        params, negative_ids, guidance_scale = consts
-        return self.teacher.solve(params, x0, ids, negative_ids, guidance_scale, method=method,
-                                  num_steps=num_steps, guided=guided)
+        params, negative_ids, guidance_scale, control = consts
+        if control is not None:
+            control = teachers.Control(params["controlnet"], *control)
+        run = self.teacher.solve if direction == "solve" else self.teacher.invert
+        return run(params, x, ids, negative_ids, guidance_scale, method=method, num_steps=num_steps, guided=guided,
+                   control=control)
+
+    # ------------------------------------------------------------------ ControlNet
+
+    def attach_controlnet(self, controlnet, params: Any, source: str = "") -> None:
+        """A ControlNetModel (models/controlnet.py) and its params: `control_image` inputs then steer sampling."""
+        cross = controlnet.cross_attention_dim
+        if controlnet.in_channels != self.unet.in_channels or \
+                (cross if isinstance(cross, int) else cross[0]) != self.text_encoder.hidden_size or \
+                tuple(controlnet.block_out_channels) != tuple(self.unet.block_out_channels):
+            raise WeightLoadError(
+                f"the ControlNet (in_channels {controlnet.in_channels}, block_out_channels "
+                f"{tuple(controlnet.block_out_channels)}, cross_attention_dim {cross}) does not fit this UNet "
+                f"(in_channels {self.unet.in_channels}, block_out_channels {tuple(self.unet.block_out_channels)}, "
+                f"text width {self.text_encoder.hidden_size})")
+        self.params = dict(self.params, controlnet=batch_runner.place(params, self.mesh))
+        self.teacher.controlnet, self.controlnet_source = controlnet, source
+        self.teacher.params = {k: self.params[k] for k in ("unet", "text_encoder")}
+        self._runners.clear()
+
+    def adapters(self, *, control: bool = False, controlnet_scale: float = 1.0) -> dict[str, Any]:
+        """What steers this pipeline beyond its folder, for prompts.json: LoRAs merged, a ControlNet used."""
+        summary = {}
+        if self.loras:
+            summary["loras"] = [dict(entry) for entry in self.loras]
+        if control:
+            summary["controlnet"] = {"source": self.controlnet_source, "scale": float(controlnet_scale)}
+        return summary
+
+    def _check_control_image(self, image: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
+        if self.teacher.controlnet is None:
+            raise TextToImageError("a control image needs a ControlNet: attach one first (--controlnet FOLDER)")
+        image = np.asarray(image, np.float32)
+        want = (latent_hw[0] * self.vae_scale_factor, latent_hw[1] * self.vae_scale_factor)
+        channels = self.teacher.controlnet.conditioning_channels
+        if image.ndim != 4 or image.shape[0] != 1 or image.shape[1:3] != want or image.shape[3] != channels:
+            raise TextToImageError(f"the control image must be (1, {want[0]}, {want[1]}, {channels}) for these "
+                                   f"latents, got {image.shape}")
+        return image
 
     def _decode(self, params, latents):
         if self.vae is None:
@@ -287,6 +356,28 @@ class TextToImage:
             self._decoders[batch] = batch_runner.BatchRunner(self._decode, batch, mesh=self.mesh)
         return self._decoders[batch].full(self.params.get("vae"), np.asarray(latents, np.float32))
 
+    def _encode(self, params, images):
+        if self.vae is None:
+            return images
+        # The posterior mean: inversion and reconstruction should not depend on a noise draw.
+        return self.vae.apply({"params": params}, images, method=self.vae.encode).mean * self.vae.scaling_factor
+
+    def encode(self, images: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
+        """Images NHWC (uint8, or float in [-1, 1]) at a multiple of the VAE factor -> latents
+        (vae.encode(images).mean * scaling_factor; a pixel-space model's images themselves)."""
+        images = np.asarray(images)
+        if images.dtype == np.uint8:
+            images = images.astype(np.float32) / 127.5 - 1.0
+        images = images.astype(np.float32)
+        f = self.vae_scale_factor
+        if images.ndim != 4 or images.shape[1] % f or images.shape[2] % f:
+            raise TextToImageError(f"images to encode must be NHWC with height and width multiples of {f}, "
+                                   f"got shape {images.shape}")
+        batch = batch_size or len(images)
+        if batch not in self._encoders:
+            self._encoders[batch] = batch_runner.BatchRunner(self._encode, batch, mesh=self.mesh)
+        return self._encoders[batch].full(self.params.get("vae"), images)
+
 
 # ---------------------------------------------------------------------- runs to a folder
 
@@ -295,8 +386,12 @@ def generate_to_folder(pipe: TextToImage, prompts: Sequence[str], out_dir: str |
                        num_steps: int = 1, method: str = "euler", guidance_scale: float = 1.0,
                        negative_prompt: str = "", samples_per_prompt: int = 1, batch_size: int = 1,
                        height: int | None = None, width: int | None = None, save_latents: bool = True,
-                       initial_latents: np.ndarray | None = None, progress: bool = True) -> list[dict]:
+                       initial_latents: np.ndarray | None = None, control_image: np.ndarray | None = None,
+                       controlnet_scale: float = 1.0, progress: bool = True) -> list[dict]:
     """Images of every prompt (see the module docstring for seeds and files); returns the records.
+
+    `control_image` (1, H, W, C) in [0, 1]: steers every image through the attached ControlNet
+    (TextToImage.attach_controlnet), its residuals scaled by `controlnet_scale`.
 
     `initial_latents` (N, h, w, c), one per image in run order, replaces the seeded noise,
     e.g. to start from the same x0 as another framework; seeds are then not recorded.
@@ -320,7 +415,8 @@ def generate_to_folder(pipe: TextToImage, prompts: Sequence[str], out_dir: str |
         settings = {"seed": None, "initial_latents": True, "samples_per_prompt": samples_per_prompt}
     return _render(pipe, records, noise, Path(out_dir), settings, num_steps=num_steps, method=method,
                    guidance_scale=guidance_scale, negative_prompt=negative_prompt, batch_size=batch_size,
-                   latent_shape=latent_shape, save_latents=save_latents, progress=progress)
+                   latent_shape=latent_shape, save_latents=save_latents, progress=progress,
+                   control_image=control_image, controlnet_scale=controlnet_scale)
 
 
 def interpolate_to_folder(pipe: TextToImage, prompts: Sequence[str], out_dir: str | os.PathLike, *,
@@ -354,7 +450,8 @@ def interpolate_to_folder(pipe: TextToImage, prompts: Sequence[str], out_dir: st
 
 def _render(pipe: TextToImage, records: list[dict], noise: Callable[[list[dict]], np.ndarray], out: Path,
             settings: dict, *, num_steps: int, method: str, guidance_scale: float, negative_prompt: str,
-            batch_size: int, latent_shape: tuple[int, int, int], save_latents: bool, progress: bool) -> list[dict]:
+            batch_size: int, latent_shape: tuple[int, int, int], save_latents: bool, progress: bool,
+            control_image: np.ndarray | None = None, controlnet_scale: float = 1.0) -> list[dict]:
     if not records:
         raise TextToImageError("no prompts to sample")
     out.mkdir(parents=True, exist_ok=True)
@@ -374,7 +471,8 @@ def _render(pipe: TextToImage, records: list[dict], noise: Callable[[list[dict]]
         # The runners pad a short last batch: one compilation per run.
         x1, images = pipe.generate_ids(pipe.tokenize([r["prompt"] for r in chunk]), x0, num_steps=num_steps,
                                        method=method, guidance_scale=guidance_scale, negative_ids=negative_ids,
-                                       batch_size=batch)
+                                       batch_size=batch, control_image=control_image,
+                                       controlnet_scale=controlnet_scale)
         for n, (record, image) in enumerate(zip(chunk, images), start):
             record["file"] = f"{n:05d}.png"
             Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(out / record["file"])
@@ -395,6 +493,7 @@ def _render(pipe: TextToImage, records: list[dict], noise: Callable[[list[dict]]
                "method": method, "guidance_scale": guidance_scale,
                "negative_prompt": negative_prompt if guided else None,
                "height": height, "width": width, "dtype": jnp.dtype(pipe.unet.dtype).name, "batch_size": batch,
+               **pipe.adapters(control=control_image is not None, controlnet_scale=controlnet_scale),
                **settings, "images": records}
     (out / "prompts.json").write_text(json.dumps(summary, indent=2))
     return records
