@@ -5,6 +5,7 @@
   distill   a one-step student on a teacher's pairs
   sample    samples of a stage, or text-to-image from a diffusers folder (SD, 2-RF, InstaFlow)
   eval      a stage's metrics at several step counts
+  invert    image -> noise: the ODE backwards from an image (DDIM inversion for SD), and its reconstruction
   export    a text-to-image stage as a diffusers folder
   pipeline  1-RF -> pairs -> 2-RF -> pairs -> distill, and a report (text-to-image: from an SD teacher)
 
@@ -44,6 +45,15 @@ _INTERPOLATE = flags.DEFINE_list("interpolate_seeds", None, "sample --pretrained
                                  "the two seeds' noise (config.sample.num_frames of them).")
 _LATENTS = flags.DEFINE_string("latents", None, "sample (text-to-image): a .npy of initial noise (N, h, w, c), "
                                "one per image, instead of the seeded noise.")
+_LORA = flags.DEFINE_multi_string("lora", [], "sample, invert (text-to-image): a LoRA safetensors file (diffusers/PEFT "
+                                  "or kohya), FILE or FILE:SCALE (default 1.0), merged into the weights; repeat for "
+                                  "several.")
+_CONTROLNET = flags.DEFINE_string("controlnet", None, "sample (text-to-image): a diffusers ControlNet folder "
+                                  "steering the UNet (with --control_image).")
+_CONTROL_IMAGE = flags.DEFINE_string("control_image", None, "sample --controlnet: the control image (an edge, pose "
+                                     "or depth map), resized to the output size as diffusers does.")
+flags.DEFINE_alias("control-image", "control_image")
+_IMAGE = flags.DEFINE_multi_string("image", [], "invert: an image to invert (repeat for several).")
 _ALLOW_PICKLE = flags.DEFINE_bool("allow_pickle", False, "Read PyTorch .bin weights (needs torch; pickles can run code).")
 
 
@@ -99,16 +109,19 @@ COMMANDS = {
         "in [-1, 1], prompt) and prompts.json, sample.samples_per_prompt images per prompt. SD folders "
         "are solved with ddim or dpm_solver++ from their scheduler config; --latents starts from given noise.",
         ("config", "checkpoint", "out", "pretrained", "prompt", "prompts_file", "latents", "interpolate_seeds",
-         "allow_pickle", "quiet"),
+         "lora", "controlnet", "control_image", "allow_pickle", "quiet"),
         "sample.num_steps, sample.method (euler | heun; SD folders: ddim | dpm_solver++ too), seed; text-to-image: "
         "sample.guidance_scale (applied "
         "when > 1), sample.negative_prompt, sample.batch_size, sample.height, sample.width, sample.dtype "
         "(float32 | bfloat16), sample.samples_per_prompt, sample.num_frames, sample.prediction_type "
-        "(auto | velocity)",
+        "(auto | velocity), sample.controlnet_scale (with --controlnet)",
         (f"rectflow sample --config {_TOY} --checkpoint runs/toy/distill --out runs/toy/samples "
          "--config.sample.num_steps=1",
          'rectflow sample --pretrained instaflow_0_9B --prompt "a photograph of a snowy mountain" --out out '
-         "--config.sample.num_steps=1")),
+         "--config.sample.num_steps=1",
+         'rectflow sample --pretrained instaflow_0_9B --lora style.safetensors:0.8 --prompt "a castle" --out out',
+         'rectflow sample --pretrained instaflow_0_9B --controlnet sd-controlnet-canny --control-image edges.png '
+         '--prompt "a bird" --out out --config.sample.controlnet_scale=1.0')),
     "eval": Command(
         "metrics of a stage at several step counts, or text-to-image FID and CLIP score",
         "Prints the metrics as JSON and, with --out, writes them to --out/metrics.json. With a protocol config "
@@ -122,6 +135,22 @@ COMMANDS = {
          "rectflow eval --config configs/coco2017_5k.py --pretrained instaflow_0_9B --out runs/eval/5k "
          "--config.eval.captions=captions_val2017.json --config.eval.images=val2017 "
          "--config.eval.inception_weights=pt_inception.safetensors --config.eval.clip_model=clip-vit-g-14")),
+    "invert": Command(
+        "image -> noise: integrate the ODE backwards from an image, then reconstruct it",
+        "Encodes each --image with the VAE (a pixel-space stage takes it as it is), integrates the velocity ODE "
+        "from t = 1 back to t = 0 with its --prompt (one for all images, or one each) through the same sampler, "
+        "and regenerates the image from the noise found. A straight flow (2-RF, InstaFlow) inverts in a few steps; "
+        "an epsilon (SD) folder runs DDIM inversion (sample.method euler or ddim: DDIM's grid). Writes "
+        "--out/latents.npz (x0: the noise, x1: the image's latents), the reconstructions, comparison.png and "
+        "inversion.json (errors and the noise's statistics). --lora applies as for sample.",
+        ("config", "pretrained", "checkpoint", "image", "prompt", "prompts_file", "out", "lora", "allow_pickle",
+         "quiet"),
+        "sample.num_steps, sample.method (euler | heun | ddim), sample.guidance_scale (1: none, advised), "
+        "sample.height, sample.width, sample.batch_size, sample.dtype",
+        ('rectflow invert --pretrained instaflow_2rf --image photo.png --prompt "a red car" --out out/inverted '
+         "--config.sample.num_steps=4",
+         'rectflow invert --pretrained stable-diffusion-v1-5 --image photo.png --prompt "a red car" '
+         "--out out/ddim_inverted --config.sample.num_steps=25")),
     "export": Command(
         "write a text-to-image stage as a diffusers folder",
         "--checkpoint STAGE (an sd_unet stage: 2-RF or a distilled student) -> --out FOLDER with unet (the EMA "
@@ -145,7 +174,8 @@ COMMANDS = {
 }
 _METAVARS = {"config": "FILE[:ARG]", "workdir": "DIR", "checkpoint": "DIR", "pairs": "DIR", "out": "DIR",
              "pretrained": "FOLDER", "prompt": "TEXT", "prompts_file": "FILE", "interpolate_seeds": "A,B",
-             "latents": "FILE.npy"}
+             "latents": "FILE.npy", "lora": "FILE[:SCALE]", "controlnet": "FOLDER", "control_image": "IMG",
+             "image": "IMG"}
 _HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
 
 
@@ -202,7 +232,7 @@ def run(command: str) -> None:
         import jax
 
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
-    if command in ("sample", "eval") and _PRETRAINED.value and _CHECKPOINT.value:
+    if command in ("sample", "eval", "invert") and _PRETRAINED.value and _CHECKPOINT.value:
         raise UsageError(f"give `rectflow {command}` either --checkpoint or --pretrained, not both")
     if command == "eval" and (_PRETRAINED.value or (_CHECKPOINT.value and _is_text_stage(_CHECKPOINT.value))):
         evaluate_text_to_image(config, _PRETRAINED.value or _CHECKPOINT.value, _need(_OUT, command),
@@ -210,6 +240,12 @@ def run(command: str) -> None:
         return
     if command == "sample" and _PRETRAINED.value:
         sample_pretrained(config, _PRETRAINED.value, _need(_OUT, command), progress=not _QUIET.value)
+        return
+    if command == "invert":
+        source = _PRETRAINED.value or _CHECKPOINT.value
+        if not source:
+            raise UsageError("`rectflow invert` needs --pretrained FOLDER (or --checkpoint of a text-to-image stage)")
+        invert_images(config, source, _need(_OUT, command), stage=not _PRETRAINED.value, progress=not _QUIET.value)
         return
     if command == "export":
         from rectflow_jax import text_to_image as t2i
@@ -267,28 +303,55 @@ def _is_text_stage(path: str) -> bool:
 
 
 def _text_to_image(config, path: str, stage: bool):
+    """The pipeline of a folder or text stage, with the --lora files merged into it."""
+    from rectflow_jax import lora
     from rectflow_jax import text_to_image as t2i
 
     cfg = config.sample
+    specs = [lora.parse_lora_spec(spec) for spec in _LORA.value]
+    for file, _ in specs:  # before the minutes of loading
+        if not Path(file).is_file():
+            raise UsageError(f"--lora {file!r} does not exist or is not a file")
     if stage:
-        return t2i.TextToImage.from_stage(path, dtype=cfg.dtype)
-    return t2i.TextToImage.from_pretrained(path, dtype=cfg.dtype, allow_pickle=_ALLOW_PICKLE.value,
-                                           prediction_type=cfg.prediction_type, clip_skip=cfg.get("clip_skip", 0))
+        pipe = t2i.TextToImage.from_stage(path, dtype=cfg.dtype)
+    else:
+        pipe = t2i.TextToImage.from_pretrained(path, dtype=cfg.dtype, allow_pickle=_ALLOW_PICKLE.value,
+                                               prediction_type=cfg.prediction_type, clip_skip=cfg.get("clip_skip", 0))
+    if specs:
+        pipe.merge_loras(specs)
+    return pipe
 
 
-def evaluate_text_to_image(config, path: str, out: str, stage: bool, progress: bool) -> None:
-    """FID and CLIP score at the config's protocol (rectflow_jax/text_eval.py)."""
-    from rectflow_jax import sampling, text_eval
+def _prompts(command: str) -> list[str]:
+    prompts = list(_PROMPT.value)
+    if _PROMPTS_FILE.value:
+        path = Path(_PROMPTS_FILE.value)
+        if not path.is_file():
+            raise UsageError(f"--prompts_file {str(path)!r} does not exist or is not a file")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"`rectflow {command}` needs --prompt or --prompts_file")
+    return prompts
 
-    if not config.eval.get("protocol"):
-        raise UsageError(f"{path!r} is a text-to-image model: evaluate it with a protocol config, "
-                         "--config configs/coco2017_5k.py or configs/coco2014_30k.py")
-    text_eval.Protocol.from_config(config.eval)  # missing files fail before the minutes of loading
-    sampling.check_method(config.sample.method)
-    metrics = text_eval.evaluate_text_to_image(config, _text_to_image(config, path, stage), out, progress)
-    if metrics is not None:
-        print(json.dumps(metrics, indent=2))
-        print(f"wrote {Path(out) / 'metrics.json'}")
+
+def _attach_controlnet(config, pipe) -> "np.ndarray | None":
+    """The ControlNet of --controlnet attached to `pipe`, and its --control_image at the output size."""
+    if not (_CONTROLNET.value or _CONTROL_IMAGE.value):
+        return None
+    if not (_CONTROLNET.value and _CONTROL_IMAGE.value):
+        raise UsageError("--controlnet FOLDER and --control_image IMG go together: give both")
+    from rectflow_jax import control_image
+    from rectflow_jax import text_to_image as t2i
+    from rectflow_jax.models.controlnet import ControlNetModel
+
+    cfg = config.sample
+    kind = t2i.compute_dtype(cfg.dtype)
+    controlnet, params = ControlNetModel.from_pretrained(_CONTROLNET.value, dtype=kind, param_dtype=kind,
+                                                         allow_pickle=_ALLOW_PICKLE.value)
+    pipe.attach_controlnet(controlnet, params, source=_CONTROLNET.value)
+    height, width = pipe.image_size(cfg.height, cfg.width)
+    return control_image.load_control_image(_CONTROL_IMAGE.value, height, width,
+                                            vae_scale_factor=pipe.vae_scale_factor)
 
 
 def sample_pretrained(config, pretrained: str, out: str, progress: bool, stage: bool = False) -> None:
@@ -298,14 +361,9 @@ def sample_pretrained(config, pretrained: str, out: str, progress: bool, stage: 
     from rectflow_jax import sampling
     from rectflow_jax import text_to_image as t2i
 
-    prompts = list(_PROMPT.value)
-    if _PROMPTS_FILE.value:
-        path = Path(_PROMPTS_FILE.value)
-        if not path.is_file():
-            raise UsageError(f"--prompts_file {str(path)!r} does not exist or is not a file")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise UsageError("`rectflow sample --pretrained` needs --prompt or --prompts_file")
+    prompts = _prompts("sample --pretrained")
+    if (_CONTROLNET.value or _CONTROL_IMAGE.value) and _INTERPOLATE.value:
+        raise UsageError("--controlnet with --interpolate_seeds is not supported: sample the frames without it")
     cfg = config.sample
     sampling.check_method(cfg.method)  # before the minutes that loading takes
     initial = None
@@ -320,6 +378,7 @@ def sample_pretrained(config, pretrained: str, out: str, progress: bool, stage: 
         except ValueError as err:
             raise UsageError(f"--latents {str(path)!r} is not a readable .npy array: {err}") from None
     pipe = _text_to_image(config, pretrained, stage)
+    control = _attach_controlnet(config, pipe)
     common = dict(num_steps=cfg.num_steps, method=cfg.method, guidance_scale=cfg.guidance_scale,
                   negative_prompt=cfg.negative_prompt, batch_size=cfg.batch_size, height=cfg.height,
                   width=cfg.width, save_latents=cfg.save_latents, progress=progress)
@@ -333,8 +392,39 @@ def sample_pretrained(config, pretrained: str, out: str, progress: bool, stage: 
         records = t2i.interpolate_to_folder(pipe, prompts, out, seeds=seeds, num_frames=cfg.num_frames, **common)
     else:
         records = t2i.generate_to_folder(pipe, prompts, out, seed=config.seed, initial_latents=initial,
-                                         samples_per_prompt=cfg.samples_per_prompt, **common)
+                                         samples_per_prompt=cfg.samples_per_prompt, control_image=control,
+                                         controlnet_scale=cfg.controlnet_scale, **common)
     print(f"wrote {len(records)} images to {out} (prompts.json lists them)")
+
+
+def invert_images(config, source: str, out: str, stage: bool, progress: bool) -> None:
+    """Images -> noise -> images (rectflow_jax/inversion.py), from a folder or a text-to-image stage."""
+    from rectflow_jax import inversion, sampling, teachers
+
+    if not _IMAGE.value:
+        raise UsageError("`rectflow invert` needs --image (repeat for several)")
+    for image in _IMAGE.value:
+        if not Path(image).is_file():
+            raise UsageError(f"--image {image!r} does not exist or is not a file")
+    if stage and not _is_text_stage(source):
+        raise UsageError(f"{source!r} is not a text-to-image stage: `rectflow invert` needs a diffusers folder "
+                         "(--pretrained) or an sd_unet stage (--checkpoint)")
+    prompts = _prompts("invert")
+    cfg = config.sample
+    sampling.check_method(cfg.method)
+    pipe = _text_to_image(config, source, stage)
+    method = cfg.method
+    if not pipe.teacher.is_velocity and method == "euler":
+        method = "ddim"  # Euler in rectified-flow coordinates on DDIM's grid: DDIM inversion itself
+    if method not in teachers.INVERTIBLE_METHODS:
+        raise UsageError(f"sample.method={cfg.method!r} cannot run backwards; invert with one of "
+                         f"{', '.join(teachers.INVERTIBLE_METHODS)}")
+    summary = inversion.invert_to_folder(pipe, list(_IMAGE.value), prompts, out, num_steps=cfg.num_steps,
+                                         method=method, guidance_scale=cfg.guidance_scale,
+                                         negative_prompt=cfg.negative_prompt, batch_size=cfg.batch_size,
+                                         height=cfg.height, width=cfg.width, progress=progress)
+    print(json.dumps({k: v for k, v in summary.items() if k != "images"}, indent=2, default=str))
+    print(f"wrote {out} (inversion.json lists the errors)")
 
 
 def _main(argv) -> None:
@@ -356,12 +446,14 @@ def input_errors() -> tuple[type[BaseException], ...]:
     Everything else (a plain ValueError, KeyError, OSError...) is a bug until shown
     otherwise and keeps its traceback.
     """
-    from rectflow_jax import checkpoint, configlib, diffusion, sampling, teachers, text_to_image, train, weights
+    from rectflow_jax import (checkpoint, configlib, control_image, diffusion, sampling, teachers, text_to_image,
+                              train, weights)
     from rectflow_jax.data import coco, pairs, prompts
 
     return (UsageError, configlib.ConfigError, checkpoint.CheckpointError, pairs.PairDataError,
             teachers.IncompatibleTeacher, train.TrainingDiverged, weights.WeightLoadError, sampling.SamplerError,
-            text_to_image.TextToImageError, diffusion.ScheduleError, prompts.PromptFileError, coco.EvalDataError)
+            text_to_image.TextToImageError, diffusion.ScheduleError, prompts.PromptFileError, coco.EvalDataError,
+            control_image.ControlImageError)
 
 
 def main() -> None:

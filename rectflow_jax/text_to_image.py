@@ -299,11 +299,57 @@ class TextToImage:
     def _solve(self, consts, x, ids, *, num_steps: int, method: str, guided: bool, direction: str):
         self.traces += 1  # Python side effect: runs once per trace
         params, negative_ids, guidance_scale, control = consts
+        if "loras" in params:  # unmerged: merged here, per call, at the scales passed in
+            from rectflow_jax import lora
+
+            params = dict(params, **lora.merge({k: params[k] for k in ("unet", "text_encoder")}, params["loras"],
+                                               params["lora_scales"]))
         if control is not None:
             control = teachers.Control(params["controlnet"], *control)
         run = self.teacher.solve if direction == "solve" else self.teacher.invert
         return run(params, x, ids, negative_ids, guidance_scale, method=method, num_steps=num_steps, guided=guided,
                    control=control)
+
+    # ------------------------------------------------------------------ LoRA
+
+    def merge_loras(self, specs: Sequence[str | tuple[str, float]]) -> None:
+        """LoRA files ('FILE[:SCALE]' or (file, scale); diffusers/PEFT or kohya, rectflow_jax/lora.py)
+        merged into the UNet and text encoder: sampling then costs exactly what it did without them."""
+        from rectflow_jax import lora
+
+        targets = {k: self.params[k] for k in ("unet", "text_encoder")}
+        loras, scales = lora.load_loras(specs, targets)
+        self._set_adapted(lora.merge(targets, loras, scales))
+        self.loras += [{"file": l.source, "scale": float(s), "layout": l.layout, "ranks": list(l.ranks),
+                        "targets": l.num_targets, "merged": True} for l, s in zip(loras, scales)]
+
+    def attach_loras(self, specs: Sequence[str | tuple[str, float]]) -> None:
+        """LoRAs kept beside the untouched weights and merged inside every compiled call, their scales a
+        runtime input: `set_lora_scales` changes them with no reload and no recompilation."""
+        from rectflow_jax import lora
+
+        if "loras" in self.params:
+            raise TextToImageError("LoRAs are attached already; set their scales with set_lora_scales")
+        loras, scales = lora.load_loras(specs, {k: self.params[k] for k in ("unet", "text_encoder")})
+        self.params = dict(self.params, loras=batch_runner.place([l.factors for l in loras], self.mesh))
+        self.loras += [{"file": l.source, "scale": float(s), "layout": l.layout, "ranks": list(l.ranks),
+                        "targets": l.num_targets, "merged": False} for l, s in zip(loras, scales)]
+        self.set_lora_scales(scales)
+        self._runners.clear()
+
+    def set_lora_scales(self, scales: Sequence[float]) -> None:
+        """The scales of the attached (unmerged) LoRAs, in the order attached."""
+        attached = [entry for entry in self.loras if not entry["merged"]]
+        if len(scales) != len(attached):
+            raise TextToImageError(f"{len(attached)} LoRAs are attached, but {len(scales)} scales were given")
+        for entry, scale in zip(attached, scales):
+            entry["scale"] = float(scale)
+        self.params = dict(self.params, lora_scales=np.asarray(scales, np.float32))
+
+    def _set_adapted(self, adapted: dict[str, Any]) -> None:
+        self.params = dict(self.params, **adapted)
+        self.teacher.params = {k: self.params[k] for k in ("unet", "text_encoder")}
+        self._runners.clear()
 
     # ------------------------------------------------------------------ ControlNet
 

@@ -1,0 +1,134 @@
+"""`rectflow sample --lora / --controlnet` and `rectflow invert` on random folders, as a user runs them.
+
+The library parts have their own parity tests (test_lora.py, test_controlnet.py,
+test_inversion.py); here the command line is checked against the Python API it stands for,
+on a random InstaFlow-layout (velocity) folder, a random ControlNet for it and a random LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cli_helpers import error_line, rectflow
+from rectflow_jax import random_folder, weights
+from rectflow_jax import text_to_image as t2i
+
+PROMPT = "a photograph of a red car"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    folder = random_folder.write_random_folder(root / "instaflow", kind="rectified_flow", prediction_type="epsilon")
+    controlnet = random_folder.write_random_controlnet(root / "controlnet", folder, seed=3)
+    pipe = t2i.TextToImage.from_pretrained(folder)
+    height, width = pipe.image_size()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / "edges.png")
+    # A kohya LoRA on every attention query and value projection of the UNet, rank 2, alpha 1.
+    kohya = {}
+    for path, leaf in __import__("flax").traverse_util.flatten_dict(pipe.params["unet"]).items():
+        if path[-2] in ("to_q", "to_v") and path[-1] == "kernel":
+            name = "lora_unet_" + weights.torch_name(path).removesuffix(".weight").replace(".", "_")
+            kohya[f"{name}.lora_down.weight"] = rng.standard_normal((2, leaf.shape[0])).astype(np.float32)
+            kohya[f"{name}.lora_up.weight"] = rng.standard_normal((leaf.shape[1], 2)).astype(np.float32)
+            kohya[f"{name}.alpha"] = np.float32(1.0)
+    weights.write_safetensors(root / "style.safetensors", kohya)
+    return root, folder, controlnet
+
+
+def _images(out):
+    return np.stack([np.asarray(Image.open(out / r["file"])) for r in json.loads((out / "prompts.json").read_text())
+                     ["images"]])
+
+
+@pytest.mark.slow
+def test_lora_and_controlnet_sampling(folders, tmp_path):
+    root, folder, controlnet = folders
+    common = ["sample", "--pretrained", folder, "--prompt", PROMPT, "--quiet"]
+    rectflow(*common, "--out", tmp_path / "plain")
+    rectflow(*common, "--out", tmp_path / "lora", "--lora", f"{root / 'style.safetensors'}:0.5")
+    rectflow(*common, "--out", tmp_path / "control", "--controlnet", controlnet, "--control-image",
+             root / "edges.png", "--config.sample.controlnet_scale=0.7")
+    plain, with_lora, controlled = (_images(tmp_path / n) for n in ("plain", "lora", "control"))
+    assert not np.array_equal(plain, with_lora) and not np.array_equal(plain, controlled)
+
+    # What the commands stand for, through the Python API.
+    pipe = t2i.TextToImage.from_pretrained(folder)
+    x0 = np.load(tmp_path / "plain" / "latents.npz")["x0"]
+    pipe.merge_loras([(root / "style.safetensors", 0.5)])
+    latents, _ = pipe.generate([PROMPT], x0, num_steps=1)
+    np.testing.assert_allclose(np.load(tmp_path / "lora" / "latents.npz")["x1"], latents, atol=1e-5)
+    summary = json.loads((tmp_path / "lora" / "prompts.json").read_text())
+    assert summary["loras"][0]["scale"] == 0.5 and summary["loras"][0]["layout"] == "kohya"
+
+    from rectflow_jax import control_image
+    from rectflow_jax.models.controlnet import ControlNetModel
+
+    pipe = t2i.TextToImage.from_pretrained(folder)
+    pipe.attach_controlnet(*ControlNetModel.from_pretrained(controlnet))
+    image = control_image.load_control_image(root / "edges.png", *pipe.image_size())
+    latents, _ = pipe.generate_ids(pipe.tokenize([PROMPT]), x0, num_steps=1, control_image=image,
+                                   controlnet_scale=0.7)
+    np.testing.assert_allclose(np.load(tmp_path / "control" / "latents.npz")["x1"], latents, atol=1e-5)
+    assert json.loads((tmp_path / "control" / "prompts.json").read_text())["controlnet"]["scale"] == 0.7
+
+    # N steps with guidance: both halves of the guided call are steered.
+    rectflow(*common, "--out", tmp_path / "guided", "--controlnet", controlnet, "--control-image",
+             root / "edges.png", "--config.sample.num_steps=3", "--config.sample.guidance_scale=2.0")
+    latents, _ = pipe.generate_ids(pipe.tokenize([PROMPT]), x0, num_steps=3, guidance_scale=2.0,
+                                   negative_ids=pipe.teacher.text.negative_ids(""), control_image=image)
+    np.testing.assert_allclose(np.load(tmp_path / "guided" / "latents.npz")["x1"], latents, atol=1e-5)
+
+
+def test_unmerged_loras_change_scale_without_recompiling(folders):
+    root, folder, _ = folders
+    x0 = np.random.default_rng(1).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    merged = t2i.TextToImage.from_pretrained(folder)
+    merged.merge_loras([(root / "style.safetensors", 0.3)])
+    expected = merged.generate([PROMPT], x0, num_steps=2, decode=False)[0]
+    pipe = t2i.TextToImage.from_pretrained(folder)
+    pipe.attach_loras([(root / "style.safetensors", 1.0)])
+    first = pipe.generate([PROMPT], x0, num_steps=2, decode=False)[0]
+    traces = pipe.traces
+    pipe.set_lora_scales([0.3])
+    second = pipe.generate([PROMPT], x0, num_steps=2, decode=False)[0]
+    assert pipe.traces == traces  # the scale is a runtime input
+    np.testing.assert_allclose(second, expected, atol=1e-5)
+    assert np.abs(first - second).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_invert_command_round_trip(folders, tmp_path):
+    _, folder, _ = folders
+    rectflow("sample", "--pretrained", folder, "--prompt", PROMPT, "--out", tmp_path / "made", "--quiet",
+             "--config.sample.num_steps=4")
+    made = tmp_path / "made" / "00000.png"
+    errors = {}
+    for steps in (1, 4):
+        out = tmp_path / f"inverted_{steps}"
+        rectflow("invert", "--pretrained", folder, "--image", made, "--prompt", PROMPT, "--out", out, "--quiet",
+                 f"--config.sample.num_steps={steps}")
+        with np.load(out / "latents.npz") as z:
+            assert z["x0"].shape == z["x1"].shape == (1, 8, 8, 4)
+        errors[steps] = json.loads((out / "inversion.json").read_text())
+    assert (tmp_path / "inverted_4" / "comparison.png").is_file()
+    print(f"\n[invert cli] random velocity folder: {errors[1]}")
+
+
+def test_bad_adapter_input_is_one_line(folders, tmp_path):
+    root, folder, controlnet = folders
+    common = ["sample", "--pretrained", folder, "--prompt", PROMPT, "--out", tmp_path / "o", "--quiet"]
+    assert "does not exist" in error_line(rectflow(*common, "--lora", root / "missing.safetensors", check=False))
+    assert "go together" in error_line(rectflow(*common, "--controlnet", controlnet, check=False))
+    bad = root / "bad_lora.safetensors"
+    weights.write_safetensors(bad, {"lora_unet_no_such_module.lora_down.weight": np.zeros((2, 4), np.float32),
+                                    "lora_unet_no_such_module.lora_up.weight": np.zeros((4, 2), np.float32)})
+    assert "no_such_module" in error_line(rectflow(*common, "--lora", bad, check=False))
+    line = error_line(rectflow("invert", "--pretrained", folder, "--prompt", PROMPT, "--out", tmp_path / "i",
+                               check=False))
+    assert "--image" in line
