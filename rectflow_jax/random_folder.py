@@ -197,6 +197,43 @@ def write_random_folder(out: str | Path, *, prediction_type: str = "epsilon", ki
     return root
 
 
+def write_random_controlnet(out: str | Path, unet_config_or_folder: Mapping[str, Any] | str | Path, *, seed: int = 0,
+                            conditioning_embedding_out_channels: Sequence[int] | None = None,
+                            conditioning_channels: int = 3) -> Path:
+    """Writes a diffusers ControlNet folder (config.json, diffusion_pytorch_model.safetensors) with
+    random weights for a UNet to `out`; returns its path.
+
+    `unet_config_or_folder`: a UNet config dict, a UNet folder, or a pipeline folder (its unet/).
+    The config is the one diffusers' ControlNetModel.from_unet builds. Weights come from
+    `random_params`, so the zero-initialised convs of a fresh ControlNet are random here too and
+    the residuals change the UNet's output. `conditioning_embedding_out_channels` None: the first
+    len(vae.block_out_channels) of SD's (16, 32, 96, 256) for a pipeline folder with a VAE (the
+    control image is then at the VAE's output size), SD's four otherwise.
+    """
+    from rectflow_jax.models.controlnet import (
+        DEFAULT_CONDITIONING_EMBEDDING_OUT_CHANNELS, ControlNetModel, config_from_unet)
+
+    vae_levels = None
+    if isinstance(unet_config_or_folder, Mapping):
+        unet_config = dict(unet_config_or_folder)
+    else:
+        folder = Path(unet_config_or_folder)
+        unet_folder = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+        if not (unet_folder / "config.json").is_file():
+            raise ValueError(f"{str(folder)!r} is neither a UNet folder nor a pipeline folder with unet/config.json")
+        unet_config = json.loads((unet_folder / "config.json").read_text())
+        if unet_folder != folder and (folder / "vae" / "config.json").is_file():
+            vae_levels = len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"])
+    if conditioning_embedding_out_channels is None:
+        conditioning_embedding_out_channels = DEFAULT_CONDITIONING_EMBEDDING_OUT_CHANNELS[:vae_levels]
+    config = config_from_unet(UNet2DConditionModel.from_config(unet_config).config,
+                              conditioning_channels=conditioning_channels,
+                              conditioning_embedding_out_channels=conditioning_embedding_out_channels)
+    config["_diffusers_version"] = DIFFUSERS_VERSION
+    module = ControlNetModel.from_config(config)
+    return module.save_pretrained(random_params(module, jax.random.key(seed)), out)
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m rectflow_jax.random_folder",
                                      description="Write a tiny diffusers pipeline folder with random weights.")

@@ -4,9 +4,13 @@ Submodules carry the diffusers attribute names (`down_blocks_0/attentions_1/...`
 `rectflow_jax.weights` maps every leaf to its PyTorch tensor: `from_pretrained` reads a
 diffusers `unet/` folder and `save_pretrained` writes one that diffusers loads back.
 
-Call: `module.apply({'params': p}, sample, timesteps, encoder_hidden_states)` with sample
+Call: `module.apply({'params': p}, sample, timesteps, encoder_hidden_states,
+down_block_additional_residuals=None, mid_block_additional_residual=None)` with sample
 (B, H, W, C), timesteps (B,) or a scalar in SD units (0..1000) and encoder_hidden_states
 (B, L, D); returns (B, H, W, out_channels) in float32 whatever the compute `dtype`.
+The residuals (a ControlNet's outputs, models/controlnet.py) are diffusers': one per skip,
+in the order the skips are made (conv_in, every down-block layer, every downsampler),
+each added to its skip, and one added to the mid block's output; both or neither.
 
 The module's fields are the diffusers config keys it implements, under their diffusers
 names and meanings; `config_json` keeps the whole config.json it was built from (a string,
@@ -64,6 +68,23 @@ _UP_BLOCKS = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 
 def _per_block(value: Any, n: int) -> tuple:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+
+
+def _residual(residual: jax.Array, target: jax.Array, what: str) -> jax.Array:
+    """`residual` checked to add onto `target` without changing its shape, in its dtype.
+
+    Broadcasting is allowed (a global_pool_conditions ControlNet gives (B, 1, 1, C)), as torch's
+    addition allows it in diffusers; growing the target is not.
+    """
+    shape = tuple(getattr(residual, "shape", ()))
+    try:
+        fits = len(shape) == target.ndim and jnp.broadcast_shapes(shape, target.shape) == target.shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{what} has shape {shape}; it must match (or broadcast to) the UNet's "
+                         f"{tuple(target.shape)} there")
+    return jnp.asarray(residual).astype(target.dtype)
 
 
 def _tuples(value: Any) -> Any:
@@ -268,7 +289,9 @@ class UNet2DConditionModel(nn.Module):
     config_json: str = "{}"
 
     @nn.compact
-    def __call__(self, sample: jax.Array, timesteps: jax.Array | float, encoder_hidden_states: jax.Array) -> jax.Array:
+    def __call__(self, sample: jax.Array, timesteps: jax.Array | float, encoder_hidden_states: jax.Array,
+                 down_block_additional_residuals: Sequence[jax.Array] | None = None,
+                 mid_block_additional_residual: jax.Array | None = None) -> jax.Array:
         n = len(self.block_out_channels)
         heads = _per_block(self.num_attention_heads or self.attention_head_dim, n)
         layers = _per_block(self.layers_per_block, n)
@@ -289,9 +312,23 @@ class UNet2DConditionModel(nn.Module):
             x, res = DownBlock(_DOWN_BLOCKS[kind], ch, layers[i], heads[i], depth[i], i < n - 1,
                                self.downsample_padding, shared, name=f"down_blocks_{i}")(x, emb, context)
             skips += res
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            # diffusers reads down residuals alone as T2I-Adapter ones and ignores a mid one alone.
+            raise ValueError("down_block_additional_residuals and mid_block_additional_residual go together "
+                             "(a ControlNet's outputs): pass both or neither")
+        if down_block_additional_residuals is not None:
+            residuals = tuple(down_block_additional_residuals)
+            if len(residuals) != len(skips):
+                raise ValueError(f"down_block_additional_residuals has {len(residuals)} tensors; this UNet makes "
+                                 f"{len(skips)} skips (conv_in, each down-block layer, each downsampler)")
+            # Added to the skips only, as diffusers does: the running sample goes on unchanged.
+            skips = [skip + _residual(r, skip, f"down_block_additional_residuals[{i}]")
+                     for i, (skip, r) in enumerate(zip(skips, residuals))]
         if self.mid_block_type is not None:
             x = UNetMidBlock2DCrossAttn(heads[-1], depth[-1], self.mid_block_scale_factor, shared,
                                         name="mid_block")(x, emb, context)
+        if mid_block_additional_residual is not None:
+            x = x + _residual(mid_block_additional_residual, x, "mid_block_additional_residual")
         for i, kind in enumerate(self.up_block_types):
             j = n - 1 - i  # the down block this up block mirrors
             k = layers[j] + 1
