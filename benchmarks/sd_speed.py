@@ -3,12 +3,16 @@
     python benchmarks/sd_speed.py --size sd15 --batch 1 --dtype float32 --repeats 3
     python benchmarks/sd_speed.py --size tiny --repeats 5                 # a smoke run in seconds
     python benchmarks/sd_speed.py --size sd15 --throughput_batch 4        # adds images/s at batch 4
+    python benchmarks/sd_speed.py --size sd15 --parts lora,controlnet     # what LoRA and ControlNet add
 
 Random weights at SD 1.5 sizes (UNet 320/640/1280/1280, VAE 128/256/512/512, CLIP 768 x 12
 layers) are built in torch, written to a temporary diffusers folder and loaded into ours,
 so both sides compute the same function. Rows: the UNet forward (64x64 latents, 77
 tokens), the VAE decoder (64 -> 512), and the one-step pipeline from token ids (text
-encoder + UNet + Euler step + VAE decode + uint8 images). Warm-up (JAX compilation, torch's
+encoder + UNet + Euler step + VAE decode + uint8 images); `lora`: that pipeline with a
+merged rank-4 LoRA on every attention projection; `controlnet`: with a ControlNet (diffusers'
+from_unet of the same UNet) steering the UNet, against torch's ControlNetModel + UNet with
+residuals. Their `vs_plain` is the time over the plain one-step image's, raced together. Warm-up (JAX compilation, torch's
 first call) is excluded; JAX results are waited for with block_until_ready; torch runs
 under inference_mode. Each row is the fastest of --repeats calls, ours and torch's
 alternating. On CPU both use every core: the 1-minute load average is printed with each
@@ -156,22 +160,89 @@ def benchmark(pipe, models, batch: int, device, dtype: str, repeats: int, parts:
             torch_vae = torch_call(lambda: vae_t.decode(x_t).sample)
             rows.append(dict(part="VAE decode", **timings(jax_vae, torch_vae),
                              rel_err=rel_err(jax_vae(), torch_vae().float().permute(0, 2, 3, 1).cpu().numpy())))
+        scale = vae_t.config.scaling_factor
+
+        def torch_pipe():
+            text = clip_t(ids_t).last_hidden_state
+            latents = x_t + unet_t(x_t, t_t, text).sample  # one Euler step from t = 0
+            images = vae_t.decode(latents / scale).sample
+            return ((images.float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+        torch_pipe = torch_call(torch_pipe)
         if "pipeline" in parts:
             jax_pipe = lambda: pipe.generate_ids(ids, x, num_steps=1)  # returns host numpy: waits for the device
-            scale = vae_t.config.scaling_factor
-
-            def torch_pipe():
-                text = clip_t(ids_t).last_hidden_state
-                latents = x_t + unet_t(x_t, t_t, text).sample  # one Euler step from t = 0
-                images = vae_t.decode(latents / scale).sample
-                return ((images.float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
             rows.append(dict(part="one-step pipeline", **timings(jax_pipe, torch_pipe),
                              rel_err=rel_err(jax_pipe()[1], torch_pipe().numpy())))
+        if "lora" in parts or "controlnet" in parts:
+            from rectflow_jax.text_to_image import TextToImage
+
+            # torch's column for the LoRA row is its plain one-step image: a fused LoRA leaves the same weights.
+            plain = lambda: pipe.generate_ids(ids, x, num_steps=1)
+            with tempfile.TemporaryDirectory() as folder:
+                if "lora" in parts:
+                    adapted = TextToImage(pipe.unet, pipe.vae, pipe.text_encoder, None, dict(pipe.params))
+                    adapted.merge_loras([(write_attention_lora(pipe.params["unet"], Path(folder)), 1.0)])
+                    times = race({"ours": lambda: adapted.generate_ids(ids, x, num_steps=1), "torch": torch_pipe,
+                                  "ours_plain": plain}, repeats)
+                    rows.append(dict(part="one-step + LoRA", ours=times["ours"], torch=times["torch"],
+                                     vs_plain=times["ours"] / times["ours_plain"], load=os.getloadavg()[0],
+                                     rel_err=float("nan")))
+                if "controlnet" in parts:
+                    import diffusers
+
+                    from rectflow_jax.models.controlnet import ControlNetModel
+
+                    # The control image at the VAE's output size: one embedding stride per VAE level.
+                    embedding = (16, 32, 96, 256)[:len(vae_t.config.block_out_channels)]
+                    controlnet_t = diffusers.ControlNetModel.from_unet(
+                        unet_t, conditioning_embedding_out_channels=embedding).to(device, tdtype).eval()
+                    controlnet_t.save_pretrained(Path(folder) / "controlnet", safe_serialization=True)
+                    controlled = TextToImage(pipe.unet, pipe.vae, pipe.text_encoder, None, dict(pipe.params))
+                    kind = pipe.unet.dtype
+                    controlled.attach_controlnet(*ControlNetModel.from_pretrained(Path(folder) / "controlnet",
+                                                                                  dtype=kind, param_dtype=kind))
+                    height, width = pipe.image_size()
+                    image = rng.random((1, height, width, 3), dtype=np.float32)
+                    image_t = nchw(np.repeat(image, batch, 0), device, tdtype)
+
+                    def torch_controlled():
+                        text = clip_t(ids_t).last_hidden_state
+                        down, mid = controlnet_t(x_t, t_t, text, controlnet_cond=image_t, return_dict=False)
+                        latents = x_t + unet_t(x_t, t_t, text, down_block_additional_residuals=down,
+                                               mid_block_additional_residual=mid).sample
+                        images = vae_t.decode(latents / vae_t.config.scaling_factor).sample
+                        return ((images.float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).permute(
+                            0, 2, 3, 1).cpu()
+
+                    ours_controlled = lambda: controlled.generate_ids(ids, x, num_steps=1, control_image=image)
+                    times = race({"ours": ours_controlled, "torch": torch_call(torch_controlled), "ours_plain": plain,
+                                  "torch_plain": torch_pipe}, repeats)
+                    rows.append(dict(part="one-step + ControlNet", ours=times["ours"], torch=times["torch"],
+                                     vs_plain=times["ours"] / times["ours_plain"],
+                                     torch_vs_plain=times["torch"] / times["torch_plain"], load=os.getloadavg()[0],
+                                     rel_err=rel_err(ours_controlled()[1], torch_controlled().numpy())))
     for row in rows:
         row.update(batch=batch, ratio=row["ours"] / row["torch"], ours_images_per_s=1e3 * batch / row["ours"],
                    torch_images_per_s=1e3 * batch / row["torch"])
     return rows
+
+
+def write_attention_lora(unet_params, folder: Path, rank: int = 4) -> Path:
+    """A random kohya LoRA on every attention projection (to_q, to_k, to_v, to_out.0) of the UNet."""
+    from flax import traverse_util
+
+    from rectflow_jax import weights
+
+    rng, tensors = np.random.default_rng(0), {}
+    for path, leaf in traverse_util.flatten_dict(unet_params).items():
+        if path[-1] == "kernel" and path[-2] in ("to_q", "to_k", "to_v", "to_out_0"):
+            name = "lora_unet_" + weights.torch_name(path).removesuffix(".weight").replace(".", "_")
+            tensors[f"{name}.lora_down.weight"] = rng.standard_normal((rank, leaf.shape[0])).astype(np.float32)
+            tensors[f"{name}.lora_up.weight"] = 0.01 * rng.standard_normal((leaf.shape[1], rank)).astype(np.float32)
+            tensors[f"{name}.alpha"] = np.float32(rank)
+    file = folder / "attention_lora.safetensors"
+    weights.write_safetensors(file, tensors)
+    return file
 
 
 def print_table(rows: list[dict]) -> None:
@@ -179,7 +250,9 @@ def print_table(rows: list[dict]) -> None:
           f"{'torch img/s':>13}{'max rel diff':>14}{'load':>7}")
     for r in rows:
         print(f"{r['part']:<20}{r['batch']:>6}{r['ours']:>11.1f}{r['torch']:>11.1f}{r['ratio']:>12.2f}"
-              f"{r['ours_images_per_s']:>12.3f}{r['torch_images_per_s']:>13.3f}{r['rel_err']:>14.1e}{r['load']:>7.2f}")
+              f"{r['ours_images_per_s']:>12.3f}{r['torch_images_per_s']:>13.3f}{r['rel_err']:>14.1e}{r['load']:>7.2f}"
+              + (f"   ours vs plain one-step {r['vs_plain']:.2f}" if "vs_plain" in r else "")
+              + (f", torch {r['torch_vs_plain']:.2f}" if "torch_vs_plain" in r else ""))
 
 
 def main() -> None:
@@ -190,7 +263,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="float32")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch's device; JAX uses its default")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--parts", default="unet,vae,pipeline", help="comma-separated: unet, vae, pipeline")
+    parser.add_argument("--parts", default="unet,vae,pipeline", help="comma-separated: unet, vae, pipeline, lora, controlnet")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():

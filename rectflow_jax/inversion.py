@@ -30,7 +30,8 @@ inversion.json).
 What `invert_to_folder` writes in the output folder:
   latents.npz                 x0 (the noise found) and x1 (the images' latents), float32 NHWC;
                               x1_reconstructed (the latents regenerated from x0); prompt (N,),
-                              input (N,) each image's path or '<array K>', file (N,) its reconstruction
+                              input (N,) each image's path or '<array K>', reconstruction_file (N,)
+                              its reconstruction's name (np.savez reserves `file`)
   reconstruction_NNNNN.png    the reconstruction of input image NNNNN (numbered from 0 in input
                               order, also for a single image)
   comparison.png              one row per image: input (as encoded, after resizing) | reconstruction
@@ -231,6 +232,13 @@ def _per_image(fn, a: np.ndarray) -> np.ndarray:
     return fn(a.reshape(len(a), -1).astype(np.float64), axis=1)
 
 
+def correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of a[i] and b[i] over their elements, per row (N,)."""
+    centred = lambda x: x.reshape(len(x), -1).astype(np.float64) - x.reshape(len(x), -1).mean(1, keepdims=True)
+    ca, cb = centred(a), centred(b)
+    return np.sum(ca * cb, 1) / np.maximum(np.linalg.norm(ca, axis=1) * np.linalg.norm(cb, axis=1), 1e-12)
+
+
 def round_trip(pipe: TextToImage, images: np.ndarray, ids: np.ndarray, *, num_steps: int, method: str = "euler",
                guidance_scale: float = 1.0, negative_ids: np.ndarray | None = None, batch_size: int | None = None,
                refine: int = 0) -> dict[str, np.ndarray]:
@@ -251,16 +259,13 @@ def round_trip(pipe: TextToImage, images: np.ndarray, ids: np.ndarray, *, num_st
     # Errors on the float output where there is one: 8x8 digits would otherwise measure uint8 rounding.
     reconstruction = np.clip(x1_back, -1.0, 1.0) if pipe.vae is None else decoded.astype(np.float32) / 127.5 - 1.0
     pixel_mse = _per_image(np.mean, np.square(reconstruction - images))
-    centred = lambda a: a.reshape(len(a), -1).astype(np.float64) - a.reshape(len(a), -1).mean(1, keepdims=True)
-    c0, c1 = centred(x0), centred(x1)
-    correlation = np.sum(c0 * c1, 1) / np.maximum(np.linalg.norm(c0, axis=1) * np.linalg.norm(c1, axis=1), 1e-12)
     f32 = lambda a: np.asarray(a, np.float32)
     return {"x1": f32(x1), "x0": f32(x0), "x1_reconstructed": f32(x1_back), "reconstruction": f32(reconstruction),
             "reconstruction_uint8": np.asarray(decoded, np.uint8),
             "latent_rmse": f32(np.sqrt(_per_image(np.mean, np.square(x1_back - x1)))),
             "pixel_mse": f32(pixel_mse), "pixel_psnr": f32(psnr(pixel_mse)),
             "noise_mean": f32(_per_image(np.mean, x0)), "noise_std": f32(_per_image(np.std, x0)),
-            "noise_x1_correlation": f32(correlation)}
+            "noise_x1_correlation": f32(correlation(x0, x1))}
 
 
 ERROR_KEYS = ("latent_rmse", "pixel_mse", "pixel_psnr", "noise_mean", "noise_std", "noise_x1_correlation")
@@ -332,7 +337,7 @@ def invert_to_folder(pipe: TextToImage, images: Sequence[str | os.PathLike | np.
     _as_picture(np.concatenate(rows, axis=0)).save(out / "comparison.png")
     np.savez(out / "latents.npz", x0=result["x0"], x1=result["x1"], x1_reconstructed=result["x1_reconstructed"],
              prompt=np.asarray(prompts, dtype=str), input=np.asarray(names, dtype=str),
-             file=np.asarray(files, dtype=str))
+             reconstruction_file=np.asarray(files, dtype=str))
 
     records = [{"input": name, "file": file, "prompt": prompt,
                 **{key: float(result[key][k]) for key in ERROR_KEYS}}

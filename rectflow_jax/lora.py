@@ -13,7 +13,8 @@ File layouts (safetensors; told apart by the key names, one layout a file):
              packs into the header, `__metadata__["lora_adapter_metadata"]` = JSON of
              {"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": {...}, "unet.rank_pattern":
              {...}, "text_encoder.lora_alpha": ...} (un-prefixed keys, as `save_lora_adapter` of one
-             model writes, serve every component); or per-module `<prefix>.<module>.alpha` tensors.
+             model writes, serve every component); or per-module `<prefix>.<module>.alpha` tensors,
+             which come first where a file has both.
   diffusers  older diffusers names of the same factors: `.lora.down.weight` / `.lora.up.weight`,
              `.lora_linear_layer.down/up.weight`, attention processors' `attn1.processor.to_q_lora.down.weight`
              (to_out_lora is to_out.0; self_attn.to_q_lora is q_proj in the text encoder).
@@ -184,6 +185,8 @@ def _adapter_configs(file: str | Path) -> dict[str, dict[str, Any]]:
         packed = json.loads(raw)
     except json.JSONDecodeError as err:
         raise LoRAError(f"LoRA {str(file)!r}: its header's {METADATA_KEY} is not JSON: {err}") from None
+    if not isinstance(packed, dict):
+        raise LoRAError(f"LoRA {str(file)!r}: its header's {METADATA_KEY} is not a JSON object of LoraConfig fields")
     configs: dict[str, dict[str, Any]] = {}
     for key, value in packed.items():
         component, dot, field = key.partition(".")
@@ -277,8 +280,9 @@ def read_lora(file: str | os.PathLike, params: Mapping[str, Any]) -> LoRA:
     configs = _adapter_configs(source)
     sdxl = sorted(k for k in tensors if _SDXL.match(k))
     if sdxl or "text_encoder_2" in configs:
-        raise LoRAError(f"LoRA {source!r} is an SDXL LoRA (it has keys for a second text encoder, "
-                        f"{len(sdxl)} such as {', '.join(sdxl[:3])}); only SD 1.x / 2.x LoRAs are supported")
+        found_in = (f"{len(sdxl)} keys for a second text encoder, such as {', '.join(sdxl[:3])}" if sdxl
+                    else "adapter metadata for a text_encoder_2")
+        raise LoRAError(f"LoRA {source!r} is an SDXL LoRA ({found_in}); only SD 1.x / 2.x LoRAs are supported")
 
     targets = _targets(params)
     foreign, unknown, absent = [], [], []
@@ -306,7 +310,8 @@ def read_lora(file: str | os.PathLike, params: Mapping[str, Any]) -> LoRA:
         target = names.get(module)
         entry = (component, target.name if target else module)
         found[entry] = target
-        ambiguous_names.update([entry] if module in names and target is None else [])
+        if target is None and module in names:  # a name two modules share
+            ambiguous_names.add(entry)
         if role in modules.setdefault(entry, {}):
             duplicates.append(key)
             continue
