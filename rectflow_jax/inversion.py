@@ -46,27 +46,24 @@ What `invert_to_folder` writes in the output folder:
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
-import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from rectflow_jax import batch_runner, diffusion, sampling, teachers
+from rectflow_jax import sampling, teachers
 from rectflow_jax.text_to_image import TextToImage, TextToImageError, to_uint8
 
 log = logging.getLogger("rectflow")
 
 # Steppers whose backward step `refine` can solve exactly: one velocity evaluation per step.
-REFINABLE_METHODS = ("euler", "ddim")
+REFINABLE_METHODS = sampling.IMPLICIT_METHODS
 _MIN_MSE = 1e-10  # a perfect reconstruction reports 10 log10(4 / 1e-10) = 106 dB, not infinity
 
 
@@ -166,60 +163,6 @@ def check_method(method: str, refine: int = 0) -> str:
     return method
 
 
-# ---------------------------------------------------------------------------- fixed-point inversion
-
-
-def _refined_inverse(teacher: teachers.SDTeacher, consts, x1, ids, *, method: str, num_steps: int, guided: bool,
-                     iterations: int):
-    """x1 -> x0 with each backward step solved for the forward step's start (see the module docstring)."""
-    params, negative_ids, guidance_scale = consts
-    schedule = teacher.schedule(method)
-    times = jnp.asarray(teacher.time_grid(method, num_steps))
-    field = teacher.field(params, ids, negative_ids, guidance_scale, schedule, guided=guided)
-    at = lambda t: jnp.full((x1.shape[0],), t, jnp.float32)
-
-    def backward(i, y_next):
-        k = num_steps - 1 - i
-        t, t_next = times[k], times[k + 1]
-        h = t_next - t
-        explicit = y_next - h * field(y_next, at(t_next)).astype(y_next.dtype)  # SDTeacher.invert's step
-        # The forward Euler step from y lands on y_next: y = y_next - h v(y, t).
-        solve = lambda _, y: y_next - h * field(y, at(t)).astype(y.dtype)
-        return jax.lax.fori_loop(0, iterations, solve, explicit)
-
-    start = x1 if schedule is None else diffusion.to_rf(x1, times[-1])
-    end = jax.lax.fori_loop(0, num_steps, backward, start)
-    return end if schedule is None else diffusion.from_rf(end, times[0])
-
-
-_refiners: "weakref.WeakKeyDictionary[TextToImage, dict]" = weakref.WeakKeyDictionary()
-
-
-def invert_refined(pipe: TextToImage, ids: np.ndarray, x1: np.ndarray, *, num_steps: int, method: str = "euler",
-                   refine: int = 1, guidance_scale: float = 1.0, negative_ids: np.ndarray | None = None,
-                   batch_size: int | None = None) -> np.ndarray:
-    """`pipe.invert_ids` with `refine` fixed-point iterations per step; refine 0 is invert_ids itself."""
-    check_method(method, refine)
-    if not refine:
-        return pipe.invert_ids(ids, x1, num_steps=num_steps, method=method, guidance_scale=guidance_scale,
-                               negative_ids=negative_ids, batch_size=batch_size)
-    x1, ids = np.asarray(x1, np.float32), np.asarray(ids, np.int32)
-    guided = sampling.guidance_applies(guidance_scale)
-    if guided and negative_ids is None:
-        raise ValueError("guidance_scale > 1 needs the negative prompt's ids")
-    negative_ids = np.asarray(ids[:1] if negative_ids is None else negative_ids, np.int32)
-    batch = batch_size or len(x1)
-    key = (batch, num_steps, method, guided, int(refine))
-    runners = _refiners.setdefault(pipe, {})
-    if key not in runners:
-        pipe.teacher.time_grid(method, num_steps)  # a bad step count fails before compiling
-        fn = functools.partial(_refined_inverse, pipe.teacher, method=method, num_steps=num_steps, guided=guided,
-                               iterations=int(refine))
-        runners[key] = batch_runner.BatchRunner(fn, batch, mesh=pipe.mesh)
-    params = {k: pipe.params[k] for k in ("unet", "text_encoder")}
-    return runners[key].full((params, negative_ids, np.float32(guidance_scale)), x1, ids)
-
-
 # ---------------------------------------------------------------------------- the round trip
 
 
@@ -252,8 +195,8 @@ def round_trip(pipe: TextToImage, images: np.ndarray, ids: np.ndarray, *, num_st
     check_method(method, refine)
     images = np.asarray(images, np.float32)
     x1 = pipe.encode(images, batch_size=batch_size)
-    x0 = invert_refined(pipe, ids, x1, num_steps=num_steps, method=method, refine=refine,
-                        guidance_scale=guidance_scale, negative_ids=negative_ids, batch_size=batch_size)
+    x0 = pipe.invert_ids(ids, x1, num_steps=num_steps, method=method, guidance_scale=guidance_scale,
+                         negative_ids=negative_ids, batch_size=batch_size, refine=refine)
     x1_back, decoded = pipe.generate_ids(ids, x0, num_steps=num_steps, method=method, guidance_scale=guidance_scale,
                                          negative_ids=negative_ids, batch_size=batch_size)
     # Errors on the float output where there is one: 8x8 digits would otherwise measure uint8 rounding.

@@ -52,6 +52,19 @@ def _euler_step(velocity: VelocityFn, x, state, t, t_next):
     return x + (t_next - t) * v.astype(x.dtype), state, v
 
 
+def implicit_euler(iterations: int) -> Stepper:
+    """Implicit Euler, x_next = x + (t_next - t) v(x_next, t_next), solved by `iterations` fixed-point
+    steps from the explicit one. Run backwards over a grid it undoes forward Euler on that grid
+    exactly where the iteration converges ((t - t_next) * Lipschitz(v) < 1): exact inversion."""
+
+    def step(velocity: VelocityFn, x, state, t, t_next):
+        v = velocity(x, _time_batch(t, x))
+        solve = lambda _, y: x + (t_next - t) * velocity(y, _time_batch(t_next, x)).astype(x.dtype)
+        return jax.lax.fori_loop(0, iterations, solve, x + (t_next - t) * v.astype(x.dtype)), state, v
+
+    return Stepper(_no_state, step)
+
+
 def _heun_step(velocity: VelocityFn, x, state, t, t_next):
     dt = t_next - t
     v = velocity(x, _time_batch(t, x))
@@ -99,6 +112,8 @@ def _dpm_solver_pp_2m_step(velocity: VelocityFn, x, state: _History, t, t_next):
 STEPPERS = {"euler": Stepper(_no_state, _euler_step), "heun": Stepper(_no_state, _heun_step),
             "ddim": Stepper(_no_state, _euler_step), "dpm_solver++": Stepper(_dpm_init, _dpm_solver_pp_2m_step)}
 METHODS = tuple(sorted(STEPPERS))
+# One velocity evaluation per step: the methods `implicit_iterations` turns into implicit Euler.
+IMPLICIT_METHODS = ("euler", "ddim")
 
 
 def check_method(method: str) -> str:
@@ -110,8 +125,11 @@ def check_method(method: str) -> str:
 
 def integrate(velocity: VelocityFn, x0: jax.Array, num_steps: int | None = None, *,
               method: str = "euler", times: jax.Array | None = None,
-              return_trajectory: bool = False) -> Solution:
+              return_trajectory: bool = False, implicit_iterations: int = 0) -> Solution:
     """Integrates dx/dt = v(x, t) over `times` (default: a uniform grid of num_steps).
+
+    `implicit_iterations` K > 0 (euler and ddim only) takes each step implicitly, by K
+    fixed-point iterations (`implicit_euler`): what exact inversion runs backwards.
 
     Traceable: call it inside jax.jit (see `make_sampler`). The step count is the
     (static) length of the grid. A multistep method carries its history in the scan
@@ -124,6 +142,11 @@ def integrate(velocity: VelocityFn, x0: jax.Array, num_steps: int | None = None,
         times = uniform_grid(num_steps)
     times = jnp.asarray(times, jnp.float32)
     stepper = STEPPERS[method]
+    if implicit_iterations:
+        if method not in IMPLICIT_METHODS:
+            raise SamplerError(f"implicit steps take one velocity evaluation a step ({', '.join(IMPLICIT_METHODS)}), "
+                               f"not {method!r}")
+        stepper = implicit_euler(int(implicit_iterations))
 
     def body(carry, t_pair):
         x, state = carry

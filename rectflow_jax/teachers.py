@@ -242,12 +242,15 @@ class SDTeacher:
         return sampling.integrate(field, start, method=method, times=times, return_trajectory=return_trajectory)
 
     def invert(self, params: Any, x1: jax.Array, ids: jax.Array, negative_ids: jax.Array, guidance_scale: jax.Array,
-               *, method: str, num_steps: int, guided: bool, control: Control | None = None) -> jax.Array:
+               *, method: str, num_steps: int, guided: bool, control: Control | None = None,
+               refine: int = 0) -> jax.Array:
         """A final latent x1 -> the noise x0 that `solve` (same settings) carries back to it, approximately.
 
         The same field integrated over the same grid, backwards from t = 1 to t = 0. For a
         diffusion UNet on DDIM's grid this is DDIM inversion (Euler in rectified-flow
-        coordinates, see rectflow_jax.diffusion); a straight flow needs few steps.
+        coordinates, see rectflow_jax.diffusion); a straight flow needs few steps. `refine` K > 0
+        takes the steps implicitly (K fixed-point iterations each), so that `solve`'s own
+        forward steps land back on x1 where the iteration converges.
         """
         if method not in INVERTIBLE_METHODS:
             raise sampling.SamplerError(f"inversion integrates backwards with one of {', '.join(INVERTIBLE_METHODS)}; "
@@ -256,7 +259,7 @@ class SDTeacher:
         times = jnp.asarray(self.time_grid(method, num_steps)[::-1].copy())
         field = self.field(params, ids, negative_ids, guidance_scale, schedule, guided=guided, control=control)
         start = x1 if schedule is None else diffusion.to_rf(x1, times[0])
-        end = sampling.integrate(field, start, method=method, times=times).x1
+        end = sampling.integrate(field, start, method=method, times=times, implicit_iterations=refine).x1
         return end if schedule is None else diffusion.from_rf(end, times[-1])
 
 

@@ -260,10 +260,12 @@ class TextToImage:
 
     def invert_ids(self, ids: np.ndarray, x1: np.ndarray, *, num_steps: int, guidance_scale: float = 1.0,
                    negative_ids: np.ndarray | None = None, method: str = "euler", batch_size: int | None = None,
-                   control_image: np.ndarray | None = None, controlnet_scale: float = 1.0) -> np.ndarray:
+                   control_image: np.ndarray | None = None, controlnet_scale: float = 1.0,
+                   refine: int = 0) -> np.ndarray:
         """Final latents x1 -> the noise x0 that `generate_ids` with the same settings maps back onto
-        them (teachers.SDTeacher.invert: the same ODE, integrated from t = 1 to t = 0)."""
-        return self._run("invert", ids, x1, num_steps=num_steps, guidance_scale=guidance_scale,
+        them (teachers.SDTeacher.invert: the same ODE, integrated from t = 1 to t = 0; `refine`
+        fixed-point iterations per step make the steps implicit)."""
+        return self._run(("invert", int(refine)), ids, x1, num_steps=num_steps, guidance_scale=guidance_scale,
                          negative_ids=negative_ids, method=method, batch_size=batch_size,
                          control_image=control_image, controlnet_scale=controlnet_scale)
 
@@ -285,8 +287,9 @@ class TextToImage:
         return runner.full((self.params, negative_ids, np.float32(guidance_scale), control), x, ids)
 
     def runner(self, batch: int, *, num_steps: int, method: str, guided: bool,
-               direction: str = "solve") -> batch_runner.BatchRunner:
-        """The batch runner of one (batch size, solver, direction) setting; it compiles once per input shape."""
+               direction: str | tuple[str, int] = "solve") -> batch_runner.BatchRunner:
+        """The batch runner of one (batch size, solver, direction) setting; it compiles once per input shape.
+        `direction`: 'solve', or ('invert', fixed-point iterations per step)."""
         key = (batch, num_steps, method, guided, direction)
         if key not in self._runners:
             # Once per setting: an unknown method or a scheduler this cannot honour fails before compiling.
@@ -306,9 +309,12 @@ class TextToImage:
                                                params["lora_scales"]))
         if control is not None:
             control = teachers.Control(params["controlnet"], *control)
-        run = self.teacher.solve if direction == "solve" else self.teacher.invert
-        return run(params, x, ids, negative_ids, guidance_scale, method=method, num_steps=num_steps, guided=guided,
-                   control=control)
+        if direction == "solve":
+            return self.teacher.solve(params, x, ids, negative_ids, guidance_scale, method=method,
+                                      num_steps=num_steps, guided=guided, control=control)
+        _, refine = direction
+        return self.teacher.invert(params, x, ids, negative_ids, guidance_scale, method=method, num_steps=num_steps,
+                                   guided=guided, control=control, refine=refine)
 
     # ------------------------------------------------------------------ LoRA
 
@@ -364,10 +370,8 @@ class TextToImage:
                 f"{tuple(controlnet.block_out_channels)}, cross_attention_dim {cross}) does not fit this UNet "
                 f"(in_channels {self.unet.in_channels}, block_out_channels {tuple(self.unet.block_out_channels)}, "
                 f"text width {self.text_encoder.hidden_size})")
-        self.params = dict(self.params, controlnet=batch_runner.place(params, self.mesh))
         self.teacher.controlnet, self.controlnet_source = controlnet, source
-        self.teacher.params = {k: self.params[k] for k in ("unet", "text_encoder")}
-        self._runners.clear()
+        self._set_adapted({"controlnet": batch_runner.place(params, self.mesh)})
 
     def adapters(self, *, control: bool = False, controlnet_scale: float = 1.0) -> dict[str, Any]:
         """What steers this pipeline beyond its folder, for prompts.json: LoRAs merged, a ControlNet used."""

@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+from flax import traverse_util
 from PIL import Image
 
 from cli_helpers import error_line, rectflow
@@ -31,7 +32,7 @@ def folders(tmp_path_factory):
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / "edges.png")
     # A kohya LoRA on every attention query and value projection of the UNet, rank 2, alpha 1.
     kohya = {}
-    for path, leaf in __import__("flax").traverse_util.flatten_dict(pipe.params["unet"]).items():
+    for path, leaf in traverse_util.flatten_dict(pipe.params["unet"]).items():
         if path[-2] in ("to_q", "to_v") and path[-1] == "kernel":
             name = "lora_unet_" + weights.torch_name(path).removesuffix(".weight").replace(".", "_")
             kohya[f"{name}.lora_down.weight"] = rng.standard_normal((2, leaf.shape[0])).astype(np.float32)
@@ -108,16 +109,18 @@ def test_invert_command_round_trip(folders, tmp_path):
     rectflow("sample", "--pretrained", folder, "--prompt", PROMPT, "--out", tmp_path / "made", "--quiet",
              "--config.sample.num_steps=4")
     made = tmp_path / "made" / "00000.png"
-    errors = {}
+    psnr = {}
     for steps in (1, 4):
         out = tmp_path / f"inverted_{steps}"
         rectflow("invert", "--pretrained", folder, "--image", made, "--prompt", PROMPT, "--out", out, "--quiet",
                  f"--config.sample.num_steps={steps}")
         with np.load(out / "latents.npz") as z:
             assert z["x0"].shape == z["x1"].shape == (1, 8, 8, 4)
-        errors[steps] = json.loads((out / "inversion.json").read_text())
+        summary = json.loads((out / "inversion.json").read_text())
+        assert len(summary["images"]) == 1 and (out / summary["images"][0]["file"]).is_file()
+        psnr[steps] = summary["images"][0]["pixel_psnr"]
     assert (tmp_path / "inverted_4" / "comparison.png").is_file()
-    print(f"\n[invert cli] random velocity folder: {errors[1]}")
+    print(f"\n[invert cli] random velocity folder, pixel PSNR at 1 and 4 steps: {psnr}")
 
 
 def test_bad_adapter_input_is_one_line(folders, tmp_path):

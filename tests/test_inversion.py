@@ -72,13 +72,6 @@ def test_round_trip_error_falls_with_the_steps(velocity_pipe, digits):
 @pytest.mark.slow
 def test_refined_inversion_inverts_the_discrete_sampler(velocity_pipe, digits):
     ids = velocity_pipe.tokenize(["a photo of a cat"] * NUM_IMAGES)
-    x1 = velocity_pipe.encode(digits)
-    # No iterations: SDTeacher.invert's explicit steps exactly.
-    fn = lambda consts, x, i: inversion._refined_inverse(velocity_pipe.teacher, consts, x, i, method="euler",
-                                                        num_steps=25, guided=False, iterations=0)
-    params = {k: velocity_pipe.params[k] for k in ("unet", "text_encoder")}
-    explicit = np.asarray(fn((params, ids[:1], np.float32(1.0)), x1, ids))
-    np.testing.assert_allclose(explicit, velocity_pipe.invert_ids(ids, x1, num_steps=25), atol=2e-5)
     plain = inversion.round_trip(velocity_pipe, digits, ids, num_steps=25)["latent_rmse"].mean()
     refined = inversion.round_trip(velocity_pipe, digits, ids, num_steps=25, refine=4)["latent_rmse"].mean()
     # Each step solved to float precision: only round-off is left of the round trip's error.

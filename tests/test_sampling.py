@@ -69,3 +69,19 @@ def test_bad_arguments():
         sampling.integrate(linear_field, jnp.ones((1, 1)), 4, method="rk45")
     with pytest.raises(sampling.SamplerError, match="num_steps"):
         sampling.integrate(linear_field, jnp.ones((1, 1)), 0)
+
+
+def test_implicit_euler_backwards_undoes_forward_euler():
+    """Run backwards with fixed-point implicit steps, the grid's forward Euler lands back on the start;
+    explicit steps backwards do not (the inversion `refine` relies on this)."""
+    field = lambda x, t: jnp.sin(x) * (1.0 + t[:, None])  # smooth, Lipschitz 2: converges for h = 1/8
+    x1 = jax.random.normal(jax.random.key(0), (4, 3))
+    times = sampling.uniform_grid(8)
+    back = lambda iterations: sampling.integrate(field, x1, method="euler", times=times[::-1],
+                                                 implicit_iterations=iterations).x1
+    forward = lambda x0: sampling.integrate(field, x0, method="euler", times=times).x1
+    implicit_error = float(jnp.abs(forward(back(40)) - x1).max())
+    explicit_error = float(jnp.abs(forward(back(0)) - x1).max())
+    assert implicit_error < 1e-5 < 1e-2 < explicit_error, (implicit_error, explicit_error)
+    with pytest.raises(sampling.SamplerError, match="implicit"):
+        sampling.integrate(field, x1, method="heun", times=times, implicit_iterations=2)

@@ -40,7 +40,7 @@ from rectflow_jax import weights
 from rectflow_jax.models.layers import conv, remat_policy_name, sinusoidal_embedding
 from rectflow_jax.models.sd_unet import (
     _DOWN_BLOCKS, DownBlock, Shared, TimestepEmbedding, UNet2DConditionModel, UNetMidBlock2DCrossAttn, _per_block,
-    _tuples)
+    _tuples, check_block_config)
 
 Dtype = Any
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -205,23 +205,12 @@ class ControlNetModel(nn.Module):
         weights.check_config("ControlNet", config, CONFIG_KEYS + _INERT, _ONLY)
         if len(config.get("down_block_types", cls.down_block_types)) != n:
             raise weights.WeightLoadError("ControlNet config: block_out_channels and down_block_types differ in length")
-        if "norm_num_groups" in config and config["norm_num_groups"] is None:
-            raise unsupported("ControlNet config norm_num_groups=None is not supported")
+        check_block_config("ControlNet", config, n, {"down_block_types": _DOWN_BLOCKS})
         if not isinstance(config.get("layers_per_block", 2), int):
             raise unsupported(f"ControlNet config layers_per_block={config['layers_per_block']!r} is not supported "
                               "(one int, as diffusers' ControlNetModel takes)")
         if not config.get("conditioning_embedding_out_channels", cls.conditioning_embedding_out_channels):
             raise unsupported("ControlNet config conditioning_embedding_out_channels must be a non-empty list")
-        if any(_per_block(config.get("only_cross_attention", False), n)):
-            raise unsupported("ControlNet config only_cross_attention=True is not supported")
-        for kind in config.get("down_block_types", ()):
-            if kind not in _DOWN_BLOCKS:
-                raise unsupported(f"ControlNet config down_block_types entry {kind!r} is not supported "
-                                  f"(only {list(_DOWN_BLOCKS)})")
-        if len(set(_per_block(config.get("cross_attention_dim", 1280), n))) > 1:
-            raise unsupported("ControlNet config cross_attention_dim differing per block is not supported")
-        if any(isinstance(v, (list, tuple)) for v in _per_block(config.get("transformer_layers_per_block", 1), n)):
-            raise unsupported("ControlNet config transformer_layers_per_block nested per layer is not supported")
         fields = {k: _tuples(config[k]) for k in CONFIG_KEYS if k in config}
         return cls(**fields, config_json=json.dumps(config, sort_keys=True), **kwargs)
 

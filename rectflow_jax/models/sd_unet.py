@@ -87,6 +87,23 @@ def _residual(residual: jax.Array, target: jax.Array, what: str) -> jax.Array:
     return jnp.asarray(residual).astype(target.dtype)
 
 
+def check_block_config(model: str, config: Mapping[str, Any], n: int, block_types: Mapping[str, Mapping]) -> None:
+    """The block settings this port refuses, shared by the UNet and the ControlNet built from its blocks."""
+    unsupported = weights.UnsupportedConfigError
+    if "norm_num_groups" in config and config["norm_num_groups"] is None:
+        raise unsupported(f"{model} config norm_num_groups=None is not supported")
+    if any(_per_block(config.get("only_cross_attention", False), n)):
+        raise unsupported(f"{model} config only_cross_attention=True is not supported")
+    for key, known in block_types.items():
+        for kind in config.get(key, ()):
+            if kind not in known:
+                raise unsupported(f"{model} config {key} entry {kind!r} is not supported (only {list(known)})")
+    if len(set(_per_block(config.get("cross_attention_dim", 1280), n))) > 1:
+        raise unsupported(f"{model} config cross_attention_dim differing per block is not supported")
+    if any(isinstance(v, (list, tuple)) for v in _per_block(config.get("transformer_layers_per_block", 1), n)):
+        raise unsupported(f"{model} config transformer_layers_per_block nested per layer is not supported")
+
+
 def _tuples(value: Any) -> Any:
     """JSON lists -> tuples, so config values can be (hashable) module fields."""
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
@@ -349,20 +366,8 @@ class UNet2DConditionModel(nn.Module):
         """Module from a diffusers config dict; `kwargs` set dtype, param_dtype, remat."""
         config = dict(config)
         n = len(config.get("block_out_channels", cls.block_out_channels))
-        unsupported = weights.UnsupportedConfigError
         weights.check_config("UNet", config, CONFIG_KEYS + _INERT, _ONLY)
-        if "norm_num_groups" in config and config["norm_num_groups"] is None:
-            raise unsupported("UNet config norm_num_groups=None is not supported")
-        if any(_per_block(config.get("only_cross_attention", False), n)):
-            raise unsupported("UNet config only_cross_attention=True is not supported")
-        for key, known in (("down_block_types", _DOWN_BLOCKS), ("up_block_types", _UP_BLOCKS)):
-            for kind in config.get(key, ()):
-                if kind not in known:
-                    raise unsupported(f"UNet config {key} entry {kind!r} is not supported (only {list(known)})")
-        if len(set(_per_block(config.get("cross_attention_dim", 1280), n))) > 1:
-            raise unsupported("UNet config cross_attention_dim differing per block is not supported")
-        if any(isinstance(v, (list, tuple)) for v in _per_block(config.get("transformer_layers_per_block", 1), n)):
-            raise unsupported("UNet config transformer_layers_per_block nested per layer is not supported")
+        check_block_config("UNet", config, n, {"down_block_types": _DOWN_BLOCKS, "up_block_types": _UP_BLOCKS})
         fields = {k: _tuples(config[k]) for k in CONFIG_KEYS if k in config}
         return cls(**fields, config_json=json.dumps(config, sort_keys=True), **kwargs)
 
