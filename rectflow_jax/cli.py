@@ -322,6 +322,21 @@ def _text_to_image(config, path: str, stage: bool):
     return pipe
 
 
+def evaluate_text_to_image(config, path: str, out: str, stage: bool, progress: bool) -> None:
+    """FID and CLIP score at the config's protocol (rectflow_jax/text_eval.py)."""
+    from rectflow_jax import sampling, text_eval
+
+    if not config.eval.get("protocol"):
+        raise UsageError(f"{path!r} is a text-to-image model: evaluate it with a protocol config, "
+                         "--config configs/coco2017_5k.py or configs/coco2014_30k.py")
+    text_eval.Protocol.from_config(config.eval)  # missing files fail before the minutes of loading
+    sampling.check_method(config.sample.method)
+    metrics = text_eval.evaluate_text_to_image(config, _text_to_image(config, path, stage), out, progress)
+    if metrics is not None:
+        print(json.dumps(metrics, indent=2))
+        print(f"wrote {Path(out) / 'metrics.json'}")
+
+
 def _prompts(command: str) -> list[str]:
     prompts = list(_PROMPT.value)
     if _PROMPTS_FILE.value:
