@@ -146,11 +146,15 @@ COMMANDS = {
         ("config", "pretrained", "checkpoint", "image", "prompt", "prompts_file", "out", "lora", "allow_pickle",
          "quiet"),
         "sample.num_steps, sample.method (euler | heun | ddim), sample.guidance_scale (1: none, advised), "
-        "sample.height, sample.width, sample.batch_size, sample.dtype",
+        "sample.height, sample.width, sample.batch_size, sample.dtype, sample.inversion_refine (K fixed-point "
+        "iterations per backward step, euler | ddim: each step then exactly undoes the forward step, K more "
+        "UNet calls a step)",
         ('rectflow invert --pretrained instaflow_2rf --image photo.png --prompt "a red car" --out out/inverted '
          "--config.sample.num_steps=4",
          'rectflow invert --pretrained stable-diffusion-v1-5 --image photo.png --prompt "a red car" '
-         "--out out/ddim_inverted --config.sample.num_steps=25")),
+         "--out out/ddim_inverted --config.sample.num_steps=25",
+         'rectflow invert --pretrained instaflow_2rf --image photo.png --prompt "a red car" --out out/refined '
+         "--config.sample.num_steps=4 --config.sample.inversion_refine=5")),
     "export": Command(
         "write a text-to-image stage as a diffusers folder",
         "--checkpoint STAGE (an sd_unet stage: 2-RF or a distilled student) -> --out FOLDER with unet (the EMA "
@@ -437,7 +441,8 @@ def invert_images(config, source: str, out: str, stage: bool, progress: bool) ->
     summary = inversion.invert_to_folder(pipe, list(_IMAGE.value), prompts, out, num_steps=cfg.num_steps,
                                          method=method, guidance_scale=cfg.guidance_scale,
                                          negative_prompt=cfg.negative_prompt, batch_size=cfg.batch_size,
-                                         height=cfg.height, width=cfg.width, progress=progress)
+                                         height=cfg.height, width=cfg.width, progress=progress,
+                                         refine=cfg.inversion_refine)
     print(json.dumps({k: v for k, v in summary.items() if k != "images"}, indent=2, default=str))
     print(f"wrote {out} (inversion.json lists the errors)")
 

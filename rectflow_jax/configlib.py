@@ -133,6 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.num_frames = 8               # with --interpolate_seeds=A,B
     c.sample.save_latents = True          # latents.npz (x0, x1); off for very large runs
     c.sample.controlnet_scale = 1.0       # with --controlnet: the residuals' weight (diffusers' controlnet_conditioning_scale)
+    c.sample.inversion_refine = 0         # `rectflow invert`: fixed-point iterations per backward step (0: explicit)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 2000

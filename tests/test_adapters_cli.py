@@ -120,6 +120,18 @@ def test_invert_command_round_trip(folders, tmp_path):
         assert len(summary["images"]) == 1 and (out / summary["images"][0]["file"]).is_file()
         psnr[steps] = summary["images"][0]["pixel_psnr"]
     assert (tmp_path / "inverted_4" / "comparison.png").is_file()
+    # sample.inversion_refine reaches the sampler: the implicit backward step is undone by the forward one.
+    out = tmp_path / "refined_1"
+    rectflow("invert", "--pretrained", folder, "--image", made, "--prompt", PROMPT, "--out", out, "--quiet",
+             "--config.sample.num_steps=1", "--config.sample.inversion_refine=4")
+    refined = json.loads((out / "inversion.json").read_text())
+    assert refined["refine"] == 4
+    # Latents: a random VAE's own round trip bounds the pixel error.
+    rmse = {steps: json.loads((tmp_path / f"inverted_{steps}" / "inversion.json").read_text())["mean_latent_rmse"]
+            for steps in (1, 4)}
+    rmse["1, refine 4"] = refined["mean_latent_rmse"]
+    print(f"\n[invert cli] latent RMSE: {rmse}")
+    assert rmse["1, refine 4"] < rmse[1] / 3
     print(f"\n[invert cli] random velocity folder, pixel PSNR at 1 and 4 steps: {psnr}")
 
 
