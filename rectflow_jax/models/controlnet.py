@@ -37,10 +37,10 @@ import numpy as np
 from flax import traverse_util
 
 from rectflow_jax import weights
-from rectflow_jax.models.layers import conv, remat_policy_name, sinusoidal_embedding
+from rectflow_jax.models.layers import conv, remat_policy_name
 from rectflow_jax.models.sd_unet import (
-    _DOWN_BLOCKS, DownBlock, Shared, TimestepEmbedding, UNet2DConditionModel, UNetMidBlock2DCrossAttn, _per_block,
-    _tuples, check_block_config)
+    _DOWN_BLOCKS, Shared, UNet2DConditionModel, UNetMidBlock2DCrossAttn, _per_block, _tuples, check_block_config,
+    embed_time_and_encode)
 
 Dtype = Any
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -152,24 +152,16 @@ class ControlNetModel(nn.Module):
         depth = _per_block(self.transformer_layers_per_block, n)
         shared = Shared(self.norm_num_groups, self.norm_eps, self.use_linear_projection, self.upcast_attention,
                         remat_policy_name(self.remat), self.dtype, self.param_dtype)
-        kw, ch0, context = shared.kw, self.block_out_channels[0], encoder_hidden_states
+        kw, context = shared.kw, encoder_hidden_states
 
         if self.controlnet_conditioning_channel_order == "bgr":
             controlnet_cond = controlnet_cond[..., ::-1]  # diffusers flips the channel axis
-
-        t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), sample.shape[:1])
-        emb = sinusoidal_embedding(t, ch0, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
-        emb = TimestepEmbedding(4 * ch0, shared, name="time_embedding")(emb)
-
+        cond = ControlNetConditioningEmbedding(self.block_out_channels[0],
+                                               tuple(self.conditioning_embedding_out_channels),
+                                               name="controlnet_cond_embedding", **kw)(controlnet_cond)
         # diffusers' ControlNet has neither center_input_sample nor conv_in_kernel: always 3x3.
-        x = conv(ch0, 3, name="conv_in", **kw)(sample)
-        x = x + ControlNetConditioningEmbedding(ch0, tuple(self.conditioning_embedding_out_channels),
-                                                name="controlnet_cond_embedding", **kw)(controlnet_cond)
-        skips = [x]
-        for i, (kind, ch) in enumerate(zip(self.down_block_types, self.block_out_channels)):
-            x, res = DownBlock(_DOWN_BLOCKS[kind], ch, self.layers_per_block, heads[i], depth[i], i < n - 1,
-                               self.downsample_padding, shared, name=f"down_blocks_{i}")(x, emb, context)
-            skips += res
+        x, emb, skips = embed_time_and_encode(self, sample, timesteps, context, (self.layers_per_block,) * n,
+                                              heads, depth, shared, added_to_stem=cond)
         x = UNetMidBlock2DCrossAttn(heads[-1], depth[-1], self.mid_block_scale_factor, shared,
                                     name="mid_block")(x, emb, context)
 

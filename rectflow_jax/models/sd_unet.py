@@ -268,6 +268,29 @@ class TimestepEmbedding(nn.Module):
         return dense(self.features, name="linear_2", **self.shared.kw)(x)
 
 
+def embed_time_and_encode(module: nn.Module, sample: jax.Array, timesteps: jax.Array | float,
+                          context: jax.Array, layers: Sequence[int], heads: Sequence[int], depth: Sequence[int],
+                          shared: Shared, conv_in_kernel: int = 3, added_to_stem: jax.Array | None = None
+                          ) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
+    """The encoder the UNet and the ControlNet share: time embedding, conv_in (plus `added_to_stem`, a
+    ControlNet's conditioning embedding) and the down blocks. Returns (x, emb, skips); call it from
+    `module`'s compact method, whose submodules these become (the param names are diffusers')."""
+    n = len(module.block_out_channels)
+    ch0 = module.block_out_channels[0]
+    t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), sample.shape[:1])
+    emb = sinusoidal_embedding(t, ch0, flip_sin_to_cos=module.flip_sin_to_cos, freq_shift=module.freq_shift)
+    emb = TimestepEmbedding(4 * ch0, shared, name="time_embedding")(emb)
+    x = conv(ch0, conv_in_kernel, padding=(conv_in_kernel - 1) // 2, name="conv_in", **shared.kw)(sample)
+    if added_to_stem is not None:
+        x = x + added_to_stem
+    skips = [x]
+    for i, (kind, ch) in enumerate(zip(module.down_block_types, module.block_out_channels)):
+        x, res = DownBlock(_DOWN_BLOCKS[kind], ch, layers[i], heads[i], depth[i], i < n - 1,
+                           module.downsample_padding, shared, name=f"down_blocks_{i}")(x, emb, context)
+        skips += res
+    return x, emb, skips
+
+
 class UNet2DConditionModel(nn.Module):
     """diffusers UNet2DConditionModel; fields named and defaulted like its config keys.
 
@@ -315,20 +338,12 @@ class UNet2DConditionModel(nn.Module):
         depth = _per_block(self.transformer_layers_per_block, n)
         shared = Shared(self.norm_num_groups, self.norm_eps, self.use_linear_projection, self.upcast_attention,
                         remat_policy_name(self.remat), self.dtype, self.param_dtype)
-        kw, ch0, context = shared.kw, self.block_out_channels[0], encoder_hidden_states
-
-        t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), sample.shape[:1])
-        emb = sinusoidal_embedding(t, ch0, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
-        emb = TimestepEmbedding(4 * ch0, shared, name="time_embedding")(emb)
+        kw, context = shared.kw, encoder_hidden_states
 
         if self.center_input_sample:
             sample = 2 * sample - 1.0
-        x = conv(ch0, self.conv_in_kernel, padding=(self.conv_in_kernel - 1) // 2, name="conv_in", **kw)(sample)
-        skips = [x]
-        for i, (kind, ch) in enumerate(zip(self.down_block_types, self.block_out_channels)):
-            x, res = DownBlock(_DOWN_BLOCKS[kind], ch, layers[i], heads[i], depth[i], i < n - 1,
-                               self.downsample_padding, shared, name=f"down_blocks_{i}")(x, emb, context)
-            skips += res
+        x, emb, skips = embed_time_and_encode(self, sample, timesteps, context, layers, heads, depth, shared,
+                                              self.conv_in_kernel)
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
             # diffusers reads down residuals alone as T2I-Adapter ones and ignores a mid one alone.
             raise ValueError("down_block_additional_residuals and mid_block_additional_residual go together "
