@@ -156,10 +156,10 @@ def check_method(method: str, refine: int = 0) -> str:
         raise InversionError(f"method {method!r} cannot run backwards: invert with one of "
                              f"{', '.join(teachers.INVERTIBLE_METHODS)}")
     if refine and method not in REFINABLE_METHODS:
-        raise InversionError(f"refine (sample.inversion_refine) solves single-evaluation steps only ({', '.join(REFINABLE_METHODS)}), "
-                             f"not {method!r}")
+        raise InversionError(f"refine solves single-evaluation steps only ({', '.join(REFINABLE_METHODS)}), "
+                             f"not {method!r} (sample.inversion_refine)")
     if refine < 0:
-        raise InversionError(f"refine (sample.inversion_refine) must be >= 0 fixed-point iterations, got {refine}")
+        raise InversionError(f"refine must be >= 0 fixed-point iterations, got {refine} (sample.inversion_refine)")
     return method
 
 

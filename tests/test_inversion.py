@@ -171,6 +171,7 @@ def test_bad_requests_fail_before_any_compiling(velocity_pipe, digits, tmp_path)
         (dict(images=[digits[0], digits[1], digits[2]], prompts=["a cat", "a dog"]), "2 prompts for 3 images"),
         (dict(method="dpm_solver++"), "cannot run backwards"),
         (dict(method="heun", refine=2), "refine solves"),
+        (dict(refine=-1), "refine must be >= 0"),
     ]
     assert issubclass(inversion.InversionError, TextToImageError)
     for overrides, message in cases:
