@@ -48,10 +48,12 @@ _LATENTS = flags.DEFINE_string("latents", None, "sample (text-to-image): a .npy 
 _LORA = flags.DEFINE_multi_string("lora", [], "sample, invert (text-to-image): a LoRA safetensors file (diffusers/PEFT "
                                   "or kohya), FILE or FILE:SCALE (default 1.0), merged into the weights; repeat for "
                                   "several.")
-_CONTROLNET = flags.DEFINE_string("controlnet", None, "sample (text-to-image): a diffusers ControlNet folder "
-                                  "steering the UNet (with --control_image).")
-_CONTROL_IMAGE = flags.DEFINE_string("control_image", None, "sample --controlnet: the control image (an edge, pose "
-                                     "or depth map), resized to the output size as diffusers does.")
+_CONTROLNET = flags.DEFINE_multi_string("controlnet", [], "sample (text-to-image): a diffusers ControlNet folder "
+                                        "steering the UNet (with --control_image), FOLDER or FOLDER:SCALE (default "
+                                        "sample.controlnet_scale); repeat for several, whose residuals add up.")
+_CONTROL_IMAGE = flags.DEFINE_multi_string("control_image", [], "sample --controlnet: the control image (an edge, "
+                                           "pose or depth map), resized to the output size as diffusers does; one "
+                                           "per --controlnet, in the same order.")
 flags.DEFINE_alias("control-image", "control_image")
 _IMAGE = flags.DEFINE_multi_string("image", [], "invert: an image to invert (repeat for several).")
 _ALLOW_PICKLE = flags.DEFINE_bool("allow_pickle", False, "Read PyTorch .bin weights (needs torch; pickles can run code).")
@@ -114,14 +116,16 @@ COMMANDS = {
         "sample.guidance_scale (applied "
         "when > 1), sample.negative_prompt, sample.batch_size, sample.height, sample.width, sample.dtype "
         "(float32 | bfloat16), sample.samples_per_prompt, sample.num_frames, sample.prediction_type "
-        "(auto | velocity), sample.controlnet_scale (with --controlnet)",
+        "(auto | velocity), sample.controlnet_scale (with --controlnet: each ControlNet's scale unless it has its own)",
         (f"rectflow sample --config {_TOY} --checkpoint runs/toy/distill --out runs/toy/samples "
          "--config.sample.num_steps=1",
          'rectflow sample --pretrained instaflow_0_9B --prompt "a photograph of a snowy mountain" --out out '
          "--config.sample.num_steps=1",
          'rectflow sample --pretrained instaflow_0_9B --lora style.safetensors:0.8 --prompt "a castle" --out out',
          'rectflow sample --pretrained instaflow_0_9B --controlnet sd-controlnet-canny --control-image edges.png '
-         '--prompt "a bird" --out out --config.sample.controlnet_scale=1.0')),
+         '--prompt "a bird" --out out --config.sample.controlnet_scale=1.0',
+         'rectflow sample --pretrained instaflow_0_9B --controlnet sd-controlnet-canny:1.0 --control-image edges.png '
+         '--controlnet sd-controlnet-depth:0.5 --control-image depth.png --prompt "a bird" --out out')),
     "eval": Command(
         "metrics of a stage at several step counts, or text-to-image FID and CLIP score",
         "Prints the metrics as JSON and, with --out, writes them to --out/metrics.json. With a protocol config "
@@ -178,7 +182,7 @@ COMMANDS = {
 }
 _METAVARS = {"config": "FILE[:ARG]", "workdir": "DIR", "checkpoint": "DIR", "pairs": "DIR", "out": "DIR",
              "pretrained": "FOLDER", "prompt": "TEXT", "prompts_file": "FILE", "interpolate_seeds": "A,B",
-             "latents": "FILE.npy", "lora": "FILE[:SCALE]", "controlnet": "FOLDER", "control_image": "IMG",
+             "latents": "FILE.npy", "lora": "FILE[:SCALE]", "controlnet": "FOLDER[:SCALE]", "control_image": "IMG",
              "image": "IMG"}
 _HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
 
@@ -353,24 +357,35 @@ def _prompts(command: str) -> list[str]:
     return prompts
 
 
-def _attach_controlnet(config, pipe) -> "np.ndarray | None":
-    """The ControlNet of --controlnet attached to `pipe`, and its --control_image at the output size."""
+def _attach_controlnets(config, pipe) -> tuple[list | None, list[float]]:
+    """The ControlNets of --controlnet attached to `pipe`: (their --control_image at the output size, scales)."""
     if not (_CONTROLNET.value or _CONTROL_IMAGE.value):
-        return None
-    if not (_CONTROLNET.value and _CONTROL_IMAGE.value):
-        raise UsageError("--controlnet FOLDER and --control_image IMG go together: give both")
-    from rectflow_jax import control_image
+        return None, []
+    if len(_CONTROLNET.value) != len(_CONTROL_IMAGE.value):
+        raise UsageError(f"--controlnet FOLDER and --control_image IMG go together, one image per ControlNet in the "
+                         f"same order: got {len(_CONTROLNET.value)} and {len(_CONTROL_IMAGE.value)}")
+    from rectflow_jax import control_image, weights
     from rectflow_jax import text_to_image as t2i
     from rectflow_jax.models.controlnet import ControlNetModel
 
     cfg = config.sample
+    try:
+        specs = [weights.parse_scaled_path(spec, "--controlnet", default=cfg.controlnet_scale)
+                 for spec in _CONTROLNET.value]
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    for image in _CONTROL_IMAGE.value:  # before the minutes of loading
+        if not Path(image).is_file():
+            raise UsageError(f"--control_image {image!r} does not exist or is not a file")
     kind = t2i.compute_dtype(cfg.dtype)
-    controlnet, params = ControlNetModel.from_pretrained(_CONTROLNET.value, dtype=kind, param_dtype=kind,
-                                                         allow_pickle=_ALLOW_PICKLE.value)
-    pipe.attach_controlnet(controlnet, params, source=_CONTROLNET.value)
     height, width = pipe.image_size(cfg.height, cfg.width)
-    return control_image.load_control_image(_CONTROL_IMAGE.value, height, width,
-                                            vae_scale_factor=pipe.vae_scale_factor)
+    images = []
+    for (folder, _), image in zip(specs, _CONTROL_IMAGE.value):
+        controlnet, params = ControlNetModel.from_pretrained(folder, dtype=kind, param_dtype=kind,
+                                                             allow_pickle=_ALLOW_PICKLE.value)
+        pipe.attach_controlnet(controlnet, params, source=folder)
+        images.append(control_image.load_control_image(image, height, width, vae_scale_factor=pipe.vae_scale_factor))
+    return images, [scale for _, scale in specs]
 
 
 def sample_pretrained(config, pretrained: str, out: str, progress: bool, stage: bool = False) -> None:
@@ -397,7 +412,7 @@ def sample_pretrained(config, pretrained: str, out: str, progress: bool, stage: 
         except ValueError as err:
             raise UsageError(f"--latents {str(path)!r} is not a readable .npy array: {err}") from None
     pipe = _text_to_image(config, pretrained, stage)
-    control = _attach_controlnet(config, pipe)
+    control, controlnet_scales = _attach_controlnets(config, pipe)
     common = dict(num_steps=cfg.num_steps, method=cfg.method, guidance_scale=cfg.guidance_scale,
                   negative_prompt=cfg.negative_prompt, batch_size=cfg.batch_size, height=cfg.height,
                   width=cfg.width, save_latents=cfg.save_latents, progress=progress)
@@ -412,7 +427,7 @@ def sample_pretrained(config, pretrained: str, out: str, progress: bool, stage: 
     else:
         records = t2i.generate_to_folder(pipe, prompts, out, seed=config.seed, initial_latents=initial,
                                          samples_per_prompt=cfg.samples_per_prompt, control_image=control,
-                                         controlnet_scale=cfg.controlnet_scale, **common)
+                                         controlnet_scale=controlnet_scales, **common)
     print(f"wrote {len(records)} images to {out} (prompts.json lists them)")
 
 

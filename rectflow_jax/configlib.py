@@ -132,7 +132,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.images_per_prompt = c.sample.get_ref("samples_per_prompt")  # the older name; the same value
     c.sample.num_frames = 8               # with --interpolate_seeds=A,B
     c.sample.save_latents = True          # latents.npz (x0, x1); off for very large runs
-    c.sample.controlnet_scale = 1.0       # with --controlnet: the residuals' weight (diffusers' controlnet_conditioning_scale)
+    c.sample.controlnet_scale = 1.0       # --controlnet: the residuals' weight (diffusers' controlnet_conditioning_scale),
+                                          # for each ControlNet not given its own (--controlnet FOLDER:SCALE)
     c.sample.inversion_refine = 0         # `rectflow invert`: fixed-point iterations per backward step (0: explicit)
 
     c.eval = ml_collections.ConfigDict()

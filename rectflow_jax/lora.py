@@ -112,23 +112,8 @@ class LoRA:
 
 
 def parse_lora_spec(text: str) -> tuple[str, float]:
-    """'FILE' or 'FILE:SCALE' -> (file, scale), scale 1.0 by default.
-
-    Only a suffix after the last ':' that reads as a number is a scale, so gs://bucket/x.safetensors
-    stays whole (and gs://bucket/x.safetensors:0.5 scales it).
-    """
-    if not text:
-        raise ValueError("a LoRA spec is FILE or FILE:SCALE; got an empty string")
-    head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            scale = float(tail)
-        except ValueError:
-            return text, 1.0
-        if not math.isfinite(scale):
-            raise ValueError(f"LoRA spec {text!r}: the scale {tail!r} is not a finite number")
-        return head, scale
-    return text, 1.0
+    """'FILE' or 'FILE:SCALE' -> (file, scale), scale 1.0 by default (weights.parse_scaled_path)."""
+    return weights.parse_scaled_path(text, "LoRA", default=1.0)
 
 
 # ----------------------------------------------------------------------------- the model's targets

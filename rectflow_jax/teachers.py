@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -128,8 +128,9 @@ def load_velocity_teacher(stage_dir: str | Path, *, expected_shape: tuple[int, .
 
 
 class Control(NamedTuple):
-    """What a ControlNet adds to one solve: its params, the control image (1 or B, H, W, C) in
-    [0, 1] at the output size, and the residuals' scale (diffusers' controlnet_conditioning_scale)."""
+    """What one ControlNet adds to a solve: its params, the control image (1 or B, H, W, C) in
+    [0, 1] at the output size, and the residuals' scale (diffusers' controlnet_conditioning_scale).
+    A solve takes a sequence of them, one per attached ControlNet, in order."""
     params: Any
     image: jax.Array
     scale: jax.Array
@@ -146,7 +147,7 @@ class SDTeacher:
                             # model of ours (its text encoder and tokenizer are in its stage)
     source: str             # what it was loaded from (a folder or a stage directory)
     provenance: dict        # {'run_hash', 'step'}: a stage's checkpoint, or 'folder:<fingerprint>' and 0
-    controlnet: Any = None  # a ControlNetModel whose residuals `Control` inputs feed the UNet
+    controlnets: tuple = ()  # ControlNetModels whose residuals, from `Control` inputs, feed the UNet
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -181,22 +182,27 @@ class SDTeacher:
             raise sampling.SamplerError(str(err)) from None
 
     def velocity(self, unet_params: Any, schedule: diffusion.Schedule | None, y: jax.Array, t: jax.Array,
-                 context: jax.Array, control: Control | None = None) -> jax.Array:
+                 context: jax.Array, control: Sequence[Control] | None = None) -> jax.Array:
         """v(y, t | context) in our time; a diffusion UNet after the change of variables.
 
-        `control`: a ControlNet's residuals join the UNet's skips, computed from the same
-        sample, timestep and text (diffusers' StableDiffusionControlNetPipeline, without guess mode).
+        `control`, one `Control` per attached ControlNet: their residuals, summed, join the UNet's
+        skips, each computed from the same sample, timestep and text (diffusers'
+        StableDiffusionControlNetPipeline and its MultiControlNetModel, without guess mode).
         """
         if schedule is None:
             x, timesteps = y, (1.0 - t) * 1000.0
         else:
             x, timesteps = diffusion.from_rf(y, t), diffusion.diffusion_timestep(schedule, t)
         residuals = {}
-        if control is not None:
-            if self.controlnet is None:
-                raise IncompatibleTeacher(f"{self.source!r}: control inputs given but no ControlNet is attached")
-            image = jnp.broadcast_to(control.image, (x.shape[0], *control.image.shape[1:]))
-            down, mid = self.controlnet.apply({"params": control.params}, x, timesteps, context, image, control.scale)
+        if control:
+            if len(control) != len(self.controlnets):
+                raise IncompatibleTeacher(f"{self.source!r}: {len(control)} control inputs for "
+                                          f"{len(self.controlnets)} attached ControlNets")
+            down, mid = None, None
+            for controlnet, c in zip(self.controlnets, control):
+                image = jnp.broadcast_to(c.image, (x.shape[0], *c.image.shape[1:]))
+                d, m = controlnet.apply({"params": c.params}, x, timesteps, context, image, c.scale)
+                down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
             residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
         output = self.unet.apply({"params": unet_params}, x, timesteps, context, **residuals)
         if schedule is None:
@@ -205,7 +211,7 @@ class SDTeacher:
 
     def field(self, params: Any, ids: jax.Array, negative_ids: jax.Array, guidance_scale: jax.Array,
               schedule: diffusion.Schedule | None, *, guided: bool,
-              control: Control | None = None) -> sampling.VelocityFn:
+              control: Sequence[Control] | None = None) -> sampling.VelocityFn:
         """The velocity field (y, t) -> v that every solve, inversion and trajectory integrates.
 
         With `guided` (callers decide by sampling.guidance_applies), v = v_u + s (v_c - v_u)
@@ -223,7 +229,7 @@ class SDTeacher:
         return field
 
     def solve(self, params: Any, x0: jax.Array, ids: jax.Array, negative_ids: jax.Array, guidance_scale: jax.Array,
-              *, method: str, num_steps: int, guided: bool, control: Control | None = None) -> jax.Array:
+              *, method: str, num_steps: int, guided: bool, control: Sequence[Control] | None = None) -> jax.Array:
         """Noise x0 (NHWC, N(0, I)) -> the final latent, as the folder's pipeline would make it (see `field`)."""
         schedule = self.schedule(method)
         end = self.solution(params, x0, ids, negative_ids, guidance_scale, method=method, num_steps=num_steps,
@@ -232,7 +238,7 @@ class SDTeacher:
 
     def solution(self, params: Any, x0: jax.Array, ids: jax.Array, negative_ids: jax.Array,
                  guidance_scale: jax.Array, *, method: str, num_steps: int, guided: bool,
-                 return_trajectory: bool = False, control: Control | None = None) -> sampling.Solution:
+                 return_trajectory: bool = False, control: Sequence[Control] | None = None) -> sampling.Solution:
         """`solve`'s ODE solution in rectified-flow coordinates (y, t), with its trajectory if asked:
         what straightness is measured on, for either kind of UNet."""
         schedule = self.schedule(method)
@@ -242,7 +248,7 @@ class SDTeacher:
         return sampling.integrate(field, start, method=method, times=times, return_trajectory=return_trajectory)
 
     def invert(self, params: Any, x1: jax.Array, ids: jax.Array, negative_ids: jax.Array, guidance_scale: jax.Array,
-               *, method: str, num_steps: int, guided: bool, control: Control | None = None,
+               *, method: str, num_steps: int, guided: bool, control: Sequence[Control] | None = None,
                refine: int = 0) -> jax.Array:
         """A final latent x1 -> the noise x0 that `solve` (same settings) carries back to it, approximately.
 

@@ -120,7 +120,7 @@ class TextToImage:
         self._encoders: dict[int, batch_runner.BatchRunner] = {}
         self.traces = 0  # how often the sampler was traced: one per compilation
         self.loras: list[dict] = []  # {'file', 'scale', ...} of each LoRA merged into the params
-        self.controlnet_source = ""
+        self.controlnet_sources: list[str] = []  # where each attached ControlNet came from, in order
         self._check_compatible()
 
     @classmethod
@@ -240,8 +240,9 @@ class TextToImage:
 
     def generate_ids(self, ids: np.ndarray, x0: np.ndarray, *, num_steps: int, guidance_scale: float = 1.0,
                      negative_ids: np.ndarray | None = None, method: str = "euler",
-                     decode: bool = True, batch_size: int | None = None, control_image: np.ndarray | None = None,
-                     controlnet_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
+                     decode: bool = True, batch_size: int | None = None,
+                     control_image: np.ndarray | Sequence[np.ndarray] | None = None,
+                     controlnet_scale: float | Sequence[float] = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
         """`generate` from token ids (N, L) and, when guided, the negative prompt's ids (1, L).
 
         `batch_size`: run in chunks of this many (one compilation for any N); default all N at once.
@@ -251,7 +252,8 @@ class TextToImage:
 
         `control_image` (1, H, W, C) in [0, 1] at the output size (control_image.load_control_image),
         with a ControlNet attached (`attach_controlnet`): its residuals, times `controlnet_scale`,
-        steer every UNet call, both halves of a guided one.
+        steer every UNet call, both halves of a guided one. With several ControlNets attached, one
+        image each (a sequence, in attach order) and one scale for all or one each.
         """
         latents = self._run("solve", ids, x0, num_steps=num_steps, guidance_scale=guidance_scale,
                             negative_ids=negative_ids, method=method, batch_size=batch_size,
@@ -260,8 +262,8 @@ class TextToImage:
 
     def invert_ids(self, ids: np.ndarray, x1: np.ndarray, *, num_steps: int, guidance_scale: float = 1.0,
                    negative_ids: np.ndarray | None = None, method: str = "euler", batch_size: int | None = None,
-                   control_image: np.ndarray | None = None, controlnet_scale: float = 1.0,
-                   refine: int = 0) -> np.ndarray:
+                   control_image: np.ndarray | Sequence[np.ndarray] | None = None,
+                   controlnet_scale: float | Sequence[float] = 1.0, refine: int = 0) -> np.ndarray:
         """Final latents x1 -> the noise x0 that `generate_ids` with the same settings maps back onto
         them (teachers.SDTeacher.invert: the same ODE, integrated from t = 1 to t = 0; `refine`
         fixed-point iterations per step make the steps implicit)."""
@@ -279,9 +281,7 @@ class TextToImage:
         if guided and negative_ids is None:
             raise ValueError("guidance_scale > 1 needs the negative prompt's ids")
         negative_ids = np.asarray(ids[:1] if negative_ids is None else negative_ids, np.int32)  # unused unguided
-        control = None
-        if control_image is not None:
-            control = (self._check_control_image(control_image, x.shape[1:3]), np.float32(controlnet_scale))
+        control = None if control_image is None else self._controls(control_image, controlnet_scale, x.shape[1:3])
         batch = batch_size or len(x)
         runner = self.runner(batch, num_steps=num_steps, method=method, guided=guided, direction=direction)
         return runner.full((self.params, negative_ids, np.float32(guidance_scale), control), x, ids)
@@ -308,7 +308,8 @@ class TextToImage:
             params = dict(params, **lora.merge({k: params[k] for k in ("unet", "text_encoder")}, params["loras"],
                                                params["lora_scales"]))
         if control is not None:
-            control = teachers.Control(params["controlnet"], *control)
+            control = tuple(teachers.Control(p, image, scale) for p, (image, scale) in zip(params["controlnets"],
+                                                                                           control))
         if direction == "solve":
             return self.teacher.solve(params, x, ids, negative_ids, guidance_scale, method=method,
                                       num_steps=num_steps, guided=guided, control=control)
@@ -360,7 +361,8 @@ class TextToImage:
     # ------------------------------------------------------------------ ControlNet
 
     def attach_controlnet(self, controlnet, params: Any, source: str = "") -> None:
-        """A ControlNetModel (models/controlnet.py) and its params: `control_image` inputs then steer sampling."""
+        """A ControlNetModel (models/controlnet.py) and its params: `control_image` inputs then steer sampling.
+        Each call adds one more; their residuals add up (diffusers' MultiControlNetModel)."""
         cross = controlnet.cross_attention_dim
         if controlnet.in_channels != self.unet.in_channels or \
                 (cross if isinstance(cross, int) else cross[0]) != self.text_encoder.hidden_size or \
@@ -370,28 +372,54 @@ class TextToImage:
                 f"{tuple(controlnet.block_out_channels)}, cross_attention_dim {cross}) does not fit this UNet "
                 f"(in_channels {self.unet.in_channels}, block_out_channels {tuple(self.unet.block_out_channels)}, "
                 f"text width {self.text_encoder.hidden_size})")
-        self.teacher.controlnet, self.controlnet_source = controlnet, source
-        self._set_adapted({"controlnet": batch_runner.place(params, self.mesh)})
+        self.teacher.controlnets += (controlnet,)
+        self.controlnet_sources.append(source)
+        placed = batch_runner.place(params, self.mesh)
+        self._set_adapted({"controlnets": self.params.get("controlnets", ()) + (placed,)})
 
-    def adapters(self, *, control: bool = False, controlnet_scale: float = 1.0) -> dict[str, Any]:
-        """What steers this pipeline beyond its folder, for prompts.json: LoRAs merged, a ControlNet used."""
+    def detach_controlnets(self) -> None:
+        self.teacher.controlnets, self.controlnet_sources = (), []
+        self._set_adapted({"controlnets": ()})
+
+    def adapters(self, *, control: bool = False, controlnet_scale: float | Sequence[float] = 1.0) -> dict[str, Any]:
+        """What steers this pipeline beyond its folder, for prompts.json: LoRAs merged, ControlNets used."""
         summary = {}
         if self.loras:
             summary["loras"] = [dict(entry) for entry in self.loras]
         if control:
-            summary["controlnet"] = {"source": self.controlnet_source, "scale": float(controlnet_scale)}
+            scales = self._controlnet_scales(controlnet_scale)
+            summary["controlnets"] = [{"source": source, "scale": scale}
+                                      for source, scale in zip(self.controlnet_sources, scales)]
         return summary
 
-    def _check_control_image(self, image: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
-        if self.teacher.controlnet is None:
+    def _controlnet_scales(self, scale: float | Sequence[float]) -> list[float]:
+        count = len(self.teacher.controlnets)
+        scales = [float(scale)] * count if np.ndim(scale) == 0 else [float(s) for s in scale]
+        if len(scales) != count:
+            raise TextToImageError(f"{len(scales)} ControlNet scales for {count} ControlNets: give one for all "
+                                   "or one each")
+        return scales
+
+    def _controls(self, images: np.ndarray | Sequence[np.ndarray], scale: float | Sequence[float],
+                  latent_hw: tuple[int, int]) -> tuple[tuple[np.ndarray, np.float32], ...]:
+        """(image, scale) for each attached ControlNet, the images checked against its input."""
+        controlnets = self.teacher.controlnets
+        if not controlnets:
             raise TextToImageError("a control image needs a ControlNet: attach one first (--controlnet FOLDER)")
-        image = np.asarray(image, np.float32)
+        images = [images] if hasattr(images, "shape") else list(images)  # one array, or one per ControlNet
+        if len(images) != len(controlnets):
+            raise TextToImageError(f"{len(images)} control images for {len(controlnets)} ControlNets: give one "
+                                   "each, in the order they were attached")
         want = (latent_hw[0] * self.vae_scale_factor, latent_hw[1] * self.vae_scale_factor)
-        channels = self.teacher.controlnet.conditioning_channels
-        if image.ndim != 4 or image.shape[0] != 1 or image.shape[1:3] != want or image.shape[3] != channels:
-            raise TextToImageError(f"the control image must be (1, {want[0]}, {want[1]}, {channels}) for these "
-                                   f"latents, got {image.shape}")
-        return image
+        checked = []
+        for k, (image, controlnet) in enumerate(zip(images, controlnets)):
+            image = np.asarray(image, np.float32)
+            channels = controlnet.conditioning_channels
+            if image.ndim != 4 or image.shape[0] != 1 or image.shape[1:3] != want or image.shape[3] != channels:
+                raise TextToImageError(f"control image {k} must be (1, {want[0]}, {want[1]}, {channels}) for "
+                                       f"these latents, got {image.shape}")
+            checked.append(image)
+        return tuple(zip(checked, map(np.float32, self._controlnet_scales(scale))))
 
     def _decode(self, params, latents):
         if self.vae is None:
@@ -436,12 +464,14 @@ def generate_to_folder(pipe: TextToImage, prompts: Sequence[str], out_dir: str |
                        num_steps: int = 1, method: str = "euler", guidance_scale: float = 1.0,
                        negative_prompt: str = "", samples_per_prompt: int = 1, batch_size: int = 1,
                        height: int | None = None, width: int | None = None, save_latents: bool = True,
-                       initial_latents: np.ndarray | None = None, control_image: np.ndarray | None = None,
-                       controlnet_scale: float = 1.0, progress: bool = True) -> list[dict]:
+                       initial_latents: np.ndarray | None = None,
+                       control_image: np.ndarray | Sequence[np.ndarray] | None = None,
+                       controlnet_scale: float | Sequence[float] = 1.0, progress: bool = True) -> list[dict]:
     """Images of every prompt (see the module docstring for seeds and files); returns the records.
 
     `control_image` (1, H, W, C) in [0, 1]: steers every image through the attached ControlNet
-    (TextToImage.attach_controlnet), its residuals scaled by `controlnet_scale`.
+    (TextToImage.attach_controlnet), its residuals scaled by `controlnet_scale`; with several
+    attached, one image each and one scale for all or one each.
 
     `initial_latents` (N, h, w, c), one per image in run order, replaces the seeded noise,
     e.g. to start from the same x0 as another framework; seeds are then not recorded.
@@ -501,7 +531,8 @@ def interpolate_to_folder(pipe: TextToImage, prompts: Sequence[str], out_dir: st
 def _render(pipe: TextToImage, records: list[dict], noise: Callable[[list[dict]], np.ndarray], out: Path,
             settings: dict, *, num_steps: int, method: str, guidance_scale: float, negative_prompt: str,
             batch_size: int, latent_shape: tuple[int, int, int], save_latents: bool, progress: bool,
-            control_image: np.ndarray | None = None, controlnet_scale: float = 1.0) -> list[dict]:
+            control_image: np.ndarray | Sequence[np.ndarray] | None = None,
+            controlnet_scale: float | Sequence[float] = 1.0) -> list[dict]:
     if not records:
         raise TextToImageError("no prompts to sample")
     out.mkdir(parents=True, exist_ok=True)

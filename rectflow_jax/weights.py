@@ -12,6 +12,7 @@ mis-shaped tensor is reported by name.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import re
@@ -410,3 +411,24 @@ def load_pretrained(
     template = nn.unbox(abstract)["params"]
     return module, params_from_state_dict(template, state, ignore=ignore, dtype=dtype, source=str(path),
                                           place=placement(template, shardings, on_host), name_of=name_of)
+
+
+def parse_scaled_path(text: str, what: str, default: float | None = None) -> tuple[str, float | None]:
+    """'PATH' or 'PATH:SCALE' -> (path, scale), `default` without a scale: how --lora and --controlnet
+    name an adapter and its weight.
+
+    Only a suffix after the last ':' that reads as a number is a scale, so gs://bucket/x.safetensors
+    stays whole (and gs://bucket/x.safetensors:0.5 scales it).
+    """
+    if not text:
+        raise ValueError(f"a {what} is PATH or PATH:SCALE; got an empty string")
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            scale = float(tail)
+        except ValueError:
+            return text, default
+        if not math.isfinite(scale):
+            raise ValueError(f"{what} {text!r}: the scale {tail!r} is not a finite number")
+        return head, scale
+    return text, default

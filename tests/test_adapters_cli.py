@@ -26,10 +26,12 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     folder = random_folder.write_random_folder(root / "instaflow", kind="rectified_flow", prediction_type="epsilon")
     controlnet = random_folder.write_random_controlnet(root / "controlnet", folder, seed=3)
+    random_folder.write_random_controlnet(root / "controlnet_b", folder, seed=4)  # a second, for two at once
     pipe = t2i.TextToImage.from_pretrained(folder)
     height, width = pipe.image_size()
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / "edges.png")
+    for name in ("edges.png", "depth.png"):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / name)
     # A kohya LoRA on every attention query and value projection of the UNet, rank 2, alpha 1.
     kohya = {}
     for path, leaf in traverse_util.flatten_dict(pipe.params["unet"]).items():
@@ -76,7 +78,24 @@ def test_lora_and_controlnet_sampling(folders, tmp_path):
     latents, _ = pipe.generate_ids(pipe.tokenize([PROMPT]), x0, num_steps=1, control_image=image,
                                    controlnet_scale=0.7)
     np.testing.assert_allclose(np.load(tmp_path / "control" / "latents.npz")["x1"], latents, atol=1e-5)
-    assert json.loads((tmp_path / "control" / "prompts.json").read_text())["controlnet"]["scale"] == 0.7
+    assert json.loads((tmp_path / "control" / "prompts.json").read_text())["controlnets"] == [
+        {"source": str(controlnet), "scale": 0.7}]
+    one_controlnet = latents
+
+    # Two ControlNets, each with its image; the first's scale its own, the second's the config's.
+    rectflow(*common, "--out", tmp_path / "two", "--controlnet", f"{controlnet}:0.7", "--control-image",
+             root / "edges.png", "--controlnet", root / "controlnet_b", "--control-image", root / "depth.png",
+             "--config.sample.controlnet_scale=0.4")
+    two = t2i.TextToImage.from_pretrained(folder)
+    two.attach_controlnet(*ControlNetModel.from_pretrained(controlnet))
+    two.attach_controlnet(*ControlNetModel.from_pretrained(root / "controlnet_b"))
+    images = [image, control_image.load_control_image(root / "depth.png", *two.image_size())]
+    latents, _ = two.generate_ids(two.tokenize([PROMPT]), x0, num_steps=1, control_image=images,
+                                  controlnet_scale=[0.7, 0.4])
+    np.testing.assert_allclose(np.load(tmp_path / "two" / "latents.npz")["x1"], latents, atol=1e-5)
+    assert np.abs(latents - one_controlnet).max() > 1e-3
+    assert json.loads((tmp_path / "two" / "prompts.json").read_text())["controlnets"] == [
+        {"source": str(controlnet), "scale": 0.7}, {"source": str(root / "controlnet_b"), "scale": 0.4}]
 
     # N steps with guidance: both halves of the guided call are steered.
     rectflow(*common, "--out", tmp_path / "guided", "--controlnet", controlnet, "--control-image",
@@ -140,6 +159,8 @@ def test_bad_adapter_input_is_one_line(folders, tmp_path):
     common = ["sample", "--pretrained", folder, "--prompt", PROMPT, "--out", tmp_path / "o", "--quiet"]
     assert "does not exist" in error_line(rectflow(*common, "--lora", root / "missing.safetensors", check=False))
     assert "go together" in error_line(rectflow(*common, "--controlnet", controlnet, check=False))
+    assert "got 2 and 1" in error_line(rectflow(*common, "--controlnet", controlnet, "--controlnet", controlnet,
+                                                "--control-image", root / "edges.png", check=False))
     bad = root / "bad_lora.safetensors"
     weights.write_safetensors(bad, {"lora_unet_no_such_module.lora_down.weight": np.zeros((2, 4), np.float32),
                                     "lora_unet_no_such_module.lora_up.weight": np.zeros((4, 2), np.float32)})
