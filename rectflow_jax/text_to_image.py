@@ -378,6 +378,7 @@ class TextToImage:
         self._set_adapted({"controlnets": self.params.get("controlnets", ()) + (placed,)})
 
     def detach_controlnets(self) -> None:
+        """Back to the plain UNet: every attached ControlNet let go."""
         self.teacher.controlnets, self.controlnet_sources = (), []
         self._set_adapted({"controlnets": ()})
 

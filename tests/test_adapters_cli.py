@@ -96,6 +96,14 @@ def test_lora_and_controlnet_sampling(folders, tmp_path):
     assert np.abs(latents - one_controlnet).max() > 1e-3
     assert json.loads((tmp_path / "two" / "prompts.json").read_text())["controlnets"] == [
         {"source": str(controlnet), "scale": 0.7}, {"source": str(root / "controlnet_b"), "scale": 0.4}]
+    two.detach_controlnets()
+    with pytest.raises(t2i.TextToImageError, match="needs a ControlNet"):
+        two.generate_ids(two.tokenize([PROMPT]), x0, num_steps=1, control_image=images)
+    two.attach_controlnet(*ControlNetModel.from_pretrained(controlnet))
+    with pytest.raises(t2i.TextToImageError, match="2 control images for 1 ControlNets"):
+        two.generate_ids(two.tokenize([PROMPT]), x0, num_steps=1, control_image=images)
+    with pytest.raises(t2i.TextToImageError, match="2 ControlNet scales for 1"):
+        two.generate_ids(two.tokenize([PROMPT]), x0, num_steps=1, control_image=image, controlnet_scale=[1, 2])
 
     # N steps with guidance: both halves of the guided call are steered.
     rectflow(*common, "--out", tmp_path / "guided", "--controlnet", controlnet, "--control-image",
