@@ -357,35 +357,40 @@ def _prompts(command: str) -> list[str]:
     return prompts
 
 
-def _attach_controlnets(config, pipe) -> tuple[list | None, list[float]]:
-    """The ControlNets of --controlnet attached to `pipe`: (their --control_image at the output size, scales)."""
-    if not (_CONTROLNET.value or _CONTROL_IMAGE.value):
-        return None, []
+def _controlnet_requests(config) -> list[tuple[str, float, str]]:
+    """(folder, scale, control image) of each --controlnet, checked before the minutes of loading."""
     if len(_CONTROLNET.value) != len(_CONTROL_IMAGE.value):
         raise UsageError(f"--controlnet FOLDER and --control_image IMG go together, one image per ControlNet in the "
                          f"same order: got {len(_CONTROLNET.value)} and {len(_CONTROL_IMAGE.value)}")
-    from rectflow_jax import control_image, weights
+    from rectflow_jax import weights
+
+    try:
+        specs = [weights.parse_scaled_path(spec, "--controlnet", default=config.sample.controlnet_scale)
+                 for spec in _CONTROLNET.value]
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    for image in _CONTROL_IMAGE.value:
+        if not Path(image).is_file():
+            raise UsageError(f"--control_image {image!r} does not exist or is not a file")
+    return [(folder, scale, image) for (folder, scale), image in zip(specs, _CONTROL_IMAGE.value)]
+
+
+def _attach_controlnets(config, pipe, requests: list[tuple[str, float, str]]) -> list:
+    """Each requested ControlNet attached to `pipe`; returns their control images at the output size."""
+    from rectflow_jax import control_image
     from rectflow_jax import text_to_image as t2i
     from rectflow_jax.models.controlnet import ControlNetModel
 
     cfg = config.sample
-    try:
-        specs = [weights.parse_scaled_path(spec, "--controlnet", default=cfg.controlnet_scale)
-                 for spec in _CONTROLNET.value]
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    for image in _CONTROL_IMAGE.value:  # before the minutes of loading
-        if not Path(image).is_file():
-            raise UsageError(f"--control_image {image!r} does not exist or is not a file")
     kind = t2i.compute_dtype(cfg.dtype)
     height, width = pipe.image_size(cfg.height, cfg.width)
     images = []
-    for (folder, _), image in zip(specs, _CONTROL_IMAGE.value):
+    for folder, _, image in requests:
         controlnet, params = ControlNetModel.from_pretrained(folder, dtype=kind, param_dtype=kind,
                                                              allow_pickle=_ALLOW_PICKLE.value)
         pipe.attach_controlnet(controlnet, params, source=folder)
         images.append(control_image.load_control_image(image, height, width, vae_scale_factor=pipe.vae_scale_factor))
-    return images, [scale for _, scale in specs]
+    return images
 
 
 def sample_pretrained(config, pretrained: str, out: str, progress: bool, stage: bool = False) -> None:
@@ -400,6 +405,7 @@ def sample_pretrained(config, pretrained: str, out: str, progress: bool, stage: 
         raise UsageError("--controlnet with --interpolate_seeds is not supported: sample the frames without it")
     cfg = config.sample
     sampling.check_method(cfg.method)  # before the minutes that loading takes
+    controlnets = _controlnet_requests(config)
     initial = None
     if _LATENTS.value:
         if _INTERPOLATE.value:
@@ -412,7 +418,7 @@ def sample_pretrained(config, pretrained: str, out: str, progress: bool, stage: 
         except ValueError as err:
             raise UsageError(f"--latents {str(path)!r} is not a readable .npy array: {err}") from None
     pipe = _text_to_image(config, pretrained, stage)
-    control, controlnet_scales = _attach_controlnets(config, pipe)
+    control = _attach_controlnets(config, pipe, controlnets) if controlnets else None
     common = dict(num_steps=cfg.num_steps, method=cfg.method, guidance_scale=cfg.guidance_scale,
                   negative_prompt=cfg.negative_prompt, batch_size=cfg.batch_size, height=cfg.height,
                   width=cfg.width, save_latents=cfg.save_latents, progress=progress)
@@ -427,7 +433,7 @@ def sample_pretrained(config, pretrained: str, out: str, progress: bool, stage: 
     else:
         records = t2i.generate_to_folder(pipe, prompts, out, seed=config.seed, initial_latents=initial,
                                          samples_per_prompt=cfg.samples_per_prompt, control_image=control,
-                                         controlnet_scale=controlnet_scales, **common)
+                                         controlnet_scale=[scale for _, scale, _ in controlnets], **common)
     print(f"wrote {len(records)} images to {out} (prompts.json lists them)")
 
 

@@ -198,11 +198,10 @@ class SDTeacher:
             if len(control) != len(self.controlnets):
                 raise IncompatibleTeacher(f"{self.source!r}: {len(control)} control inputs for "
                                           f"{len(self.controlnets)} attached ControlNets")
-            down, mid = None, None
-            for controlnet, c in zip(self.controlnets, control):
-                image = jnp.broadcast_to(c.image, (x.shape[0], *c.image.shape[1:]))
-                d, m = controlnet.apply({"params": c.params}, x, timesteps, context, image, c.scale)
-                down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
+            outputs = [controlnet.apply({"params": c.params}, x, timesteps, context,
+                                        jnp.broadcast_to(c.image, (x.shape[0], *c.image.shape[1:])), c.scale)
+                       for controlnet, c in zip(self.controlnets, control)]
+            down, mid = jax.tree.map(lambda *residuals: sum(residuals), *outputs)
             residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
         output = self.unet.apply({"params": unet_params}, x, timesteps, context, **residuals)
         if schedule is None:
